@@ -1,0 +1,84 @@
+"""The few torch.distributed collectives the Checkpointer needs, without pickle.
+
+``broadcast_object_list`` and friends pickle their payload; these helpers move UTF-8 JSON as uint8
+tensors instead. On a process group without torch.distributed initialised they degrade to the
+single-process answer, so the Checkpointer has one code path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["World", "current_world"]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank, world size, and the group used for checkpoint collectives."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.size > 1
+
+    def _device(self) -> torch.device:
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def broadcast_json(self, value: Any, src: int = 0) -> Any:
+        """Every rank returns rank ``src``'s ``value``."""
+        if not self.distributed:
+            return value
+        dev = self._device()
+        raw = json.dumps(value).encode("utf-8") if self.rank == src else b""
+        n = torch.tensor([len(raw)], dtype=torch.int64, device=dev)
+        # torch.distributed.broadcast takes the global rank of the source.
+        gsrc = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast(n, src=gsrc, group=self.group)
+        buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
+        if self.rank == src and raw:
+            buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        dist.broadcast(buf, src=gsrc, group=self.group)
+        return json.loads(bytes(buf.cpu().numpy()))
+
+    def all_gather_json(self, value: Any) -> list[Any]:
+        """Every rank returns the list of every rank's ``value``, in rank order."""
+        if not self.distributed:
+            return [value]
+        dev = self._device()
+        raw = json.dumps(value).encode("utf-8")
+        n = torch.tensor([len(raw)], dtype=torch.int64, device=dev)
+        sizes = [torch.empty_like(n) for _ in range(self.size)]
+        dist.all_gather(sizes, n, group=self.group)
+        longest = max(int(s.item()) for s in sizes)
+        buf = torch.zeros(longest, dtype=torch.uint8, device=dev)
+        if raw:
+            buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev)
+        bufs = [torch.empty_like(buf) for _ in range(self.size)]
+        dist.all_gather(bufs, buf, group=self.group)
+        return [json.loads(bytes(b[: int(s.item())].cpu().numpy())) for b, s in zip(bufs, sizes)]
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on every rank."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
+
+
+def current_world(group: Any = None) -> World:
+    """The world of the default (or given) process group; a single process when not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return World(rank=dist.get_rank(group), size=dist.get_world_size(group), group=group)
+    return World()

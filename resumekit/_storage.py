@@ -1,0 +1,359 @@
+"""Storage backends: where checkpoint bytes go, and the commit protocol for each kind of store.
+
+The storage layer knows nothing of training. Every backend follows one rule: write the data files,
+make them durable, then make the manifest visible in a single atomic step.
+
+- Local disk: data and manifest go into a temporary sibling folder, each file fsynced; the folder is
+  renamed into place (the commit) and the parent fsynced.
+- Object stores and other fsspec filesystems (no atomic rename): data objects go under the step's
+  prefix in a folder private to this writer, then the manifest is PUT last, create-only where the
+  store supports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from typing import IO, Any, Protocol
+
+from ._manifest import MANIFEST, parse_step_dir, step_dir
+from .errors import CheckpointCorruptError, CommitConflictError, StepExistsError, StorageError
+
+__all__ = ["LocalStorage", "Stage", "Storage", "open_storage"]
+
+_TMP_PREFIX = ".tmp-"
+
+
+class Stage(Protocol):
+    """A checkpoint being written: data files first, then :meth:`commit`."""
+
+    data_prefix: str
+
+    def open_write(self, relpath: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """Open a data file for writing; it is durable when the context exits without error."""
+        ...
+
+    def commit(self, manifest: bytes) -> None:
+        """Make the checkpoint visible, atomically. Raises StepExistsError/CommitConflictError."""
+        ...
+
+    def abort(self) -> None:
+        """Remove what this stage wrote; never raises."""
+        ...
+
+
+class Storage(Protocol):
+    """One checkpoint root (a folder or an object-store prefix)."""
+
+    url: str
+
+    def step_candidates(self) -> list[int]:
+        """Steps that have a folder, newest last; their manifests are not checked yet."""
+        ...
+
+    def read_manifest(self, step: int) -> bytes | None:
+        """The manifest of ``step``, or None when it does not exist (not committed)."""
+        ...
+
+    def read_file(self, step: int, relpath: str, size: int) -> bytearray:
+        """The whole content of a checkpoint file, which must be ``size`` bytes long."""
+        ...
+
+    def stage(self, step: int, writer_id: str) -> Stage:
+        """Start writing ``step`` (all ranks of one save share the writer id)."""
+        ...
+
+    def delete_step(self, step: int) -> None:
+        """Delete a committed step: its manifest first, then its data."""
+        ...
+
+    def cleanup(self, grace_seconds: float) -> list[str]:
+        """Remove debris (unfinished stages, half-deleted steps) older than the grace period."""
+        ...
+
+
+def _io_error(exc: OSError, what: str, path: str) -> StorageError:
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = " The disk is full: free space or point the Checkpointer at a larger volume."
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = " Permission denied: check the folder's owner and mode."
+    err = StorageError(exc.errno, f"{what} '{path}' failed: {exc.strerror or exc}.{hint}")
+    err.filename = path
+    return err
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _LocalStage:
+    def __init__(self, root: str, step: int, writer_id: str) -> None:
+        self.root = root
+        self.step = step
+        self.tmp = os.path.join(root, f"{_TMP_PREFIX}{step_dir(step)}-{writer_id}")
+        self.data_prefix = ""
+        try:
+            os.makedirs(self.tmp, exist_ok=True)
+        except OSError as exc:
+            raise _io_error(exc, "creating the staging folder", self.tmp) from exc
+
+    @contextlib.contextmanager
+    def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
+        path = os.path.join(self.tmp, relpath)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _io_error(exc, "writing", path) from exc
+
+    def commit(self, manifest: bytes) -> None:
+        final = os.path.join(self.root, step_dir(self.step))
+        try:
+            with open(os.path.join(self.tmp, MANIFEST), "wb") as f:
+                f.write(manifest)
+                f.flush()
+                os.fsync(f.fileno())
+            for dirpath, _dirs, _files in os.walk(self.tmp):
+                _fsync_dir(dirpath)
+            if os.path.exists(final):
+                if os.path.exists(os.path.join(final, MANIFEST)):
+                    raise StepExistsError(
+                        f"step {self.step} was committed at '{final}' while this save was writing; "
+                        "another writer is using the same checkpoint folder."
+                    )
+                shutil.rmtree(final)  # debris of an interrupted deletion: no manifest, not a checkpoint
+            os.rename(self.tmp, final)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            if isinstance(exc, StepExistsError):
+                raise
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise CommitConflictError(
+                    f"another writer committed step {self.step} at '{final}' first; this save is discarded."
+                ) from exc
+            raise _io_error(exc, "committing", final) from exc
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class LocalStorage:
+    """A checkpoint root on a local (or network-mounted POSIX) filesystem."""
+
+    def __init__(self, path: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(path))
+        self.url = self.root
+
+    def _step_path(self, step: int, relpath: str = "") -> str:
+        return os.path.join(self.root, step_dir(step), relpath)
+
+    def step_candidates(self) -> list[int]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _io_error(exc, "listing", self.root) from exc
+        return sorted(s for s in map(parse_step_dir, names) if s is not None)
+
+    def read_manifest(self, step: int) -> bytes | None:
+        path = self._step_path(step, MANIFEST)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _io_error(exc, "reading", path) from exc
+
+    def read_file(self, step: int, relpath: str, size: int) -> bytearray:
+        path = self._step_path(step, relpath)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                actual = os.fstat(f.fileno()).st_size
+                if actual != size:
+                    raise CheckpointCorruptError(
+                        f"'{path}' is {actual} bytes, the manifest says {size}: the file was truncated or replaced."
+                    )
+                buf = bytearray(size)
+                view = memoryview(buf)
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointCorruptError(f"'{path}' ended after {got} of {size} bytes")
+                    got += n
+                return buf
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+        except OSError as exc:
+            raise _io_error(exc, "reading", path) from exc
+
+    def stage(self, step: int, writer_id: str) -> Stage:
+        if os.path.exists(self._step_path(step, MANIFEST)):
+            raise StepExistsError(
+                f"step {step} already exists at '{self._step_path(step)}'; checkpoints are never overwritten. "
+                "Save under a new step, or delete that checkpoint first if it is really unwanted."
+            )
+        return _LocalStage(self.root, step, writer_id)
+
+    def delete_step(self, step: int) -> None:
+        folder = self._step_path(step)
+        try:
+            os.unlink(os.path.join(folder, MANIFEST))
+            _fsync_dir(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _io_error(exc, "deleting", folder) from exc
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def cleanup(self, grace_seconds: float) -> list[str]:
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return removed
+        now = time.time()
+        for name in names:
+            path = os.path.join(self.root, name)
+            is_tmp = name.startswith(_TMP_PREFIX)
+            is_debris = parse_step_dir(name) is not None and not os.path.exists(os.path.join(path, MANIFEST))
+            if not (is_tmp or is_debris):
+                continue
+            try:
+                age = now - os.stat(path).st_mtime
+            except OSError:
+                continue
+            if age >= grace_seconds:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+
+class _FsspecStage:
+    def __init__(self, store: FsspecStorage, step: int, writer_id: str) -> None:
+        self.store = store
+        self.step = step
+        self.writer_id = writer_id
+        # A folder private to this writer: two writers racing for one step never mix files.
+        self.data_prefix = f"w-{writer_id}/"
+
+    @contextlib.contextmanager
+    def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
+        path = self.store._path(self.step, relpath)
+        try:
+            with self.store.fs.open(path, "wb") as f:
+                yield f
+        except OSError as exc:
+            raise _io_error(exc, "writing", path) from exc
+
+    def commit(self, manifest: bytes) -> None:
+        path = self.store._path(self.step, MANIFEST)
+        from ._cloud import put_if_absent
+
+        try:
+            put_if_absent(self.store.fs, path, manifest)
+        except CommitConflictError:
+            raise
+        except OSError as exc:
+            raise _io_error(exc, "committing", path) from exc
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.store.fs.rm(self.store._path(self.step, self.data_prefix), recursive=True)
+
+
+class FsspecStorage:
+    """A checkpoint root on any fsspec filesystem (``s3://``, ``gs://``, ``memory://``, ...)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+
+    def _path(self, step: int, relpath: str = "") -> str:
+        return f"{self.root}/{step_dir(step)}/{relpath}" if relpath else f"{self.root}/{step_dir(step)}"
+
+    def step_candidates(self) -> list[int]:
+        try:
+            names = self.fs.ls(self.root, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except TypeError:
+            names = self.fs.ls(self.root, detail=False)
+        return sorted(s for s in (parse_step_dir(n.rstrip("/").rsplit("/", 1)[-1]) for n in names) if s is not None)
+
+    def read_manifest(self, step: int) -> bytes | None:
+        try:
+            data: bytes = self.fs.cat_file(self._path(step, MANIFEST))
+            return data
+        except FileNotFoundError:
+            return None
+
+    def read_file(self, step: int, relpath: str, size: int) -> bytearray:
+        path = self._path(step, relpath)
+        try:
+            with self.fs.open(path, "rb") as f:
+                buf = bytearray(size)
+                view = memoryview(buf)
+                got = 0
+                while got < size:
+                    chunk = f.read(min(size - got, 64 << 20))
+                    if not chunk:
+                        raise CheckpointCorruptError(f"'{path}' ended after {got} of {size} bytes")
+                    view[got : got + len(chunk)] = chunk
+                    got += len(chunk)
+                if f.read(1):
+                    raise CheckpointCorruptError(f"'{path}' is longer than the {size} bytes the manifest says")
+                return buf
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+
+    def stage(self, step: int, writer_id: str) -> Stage:
+        if self.fs.exists(self._path(step, MANIFEST)):
+            raise StepExistsError(
+                f"step {step} already exists at '{self._path(step)}'; checkpoints are never overwritten. "
+                "Save under a new step, or delete that checkpoint first if it is really unwanted."
+            )
+        return _FsspecStage(self, step, writer_id)
+
+    def delete_step(self, step: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(step, MANIFEST))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(step), recursive=True)
+
+    def cleanup(self, grace_seconds: float) -> list[str]:
+        from ._cloud import find_orphans
+
+        removed = []
+        for path in find_orphans(self.fs, self.root, grace_seconds):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path, recursive=True)
+            removed.append(path)
+        return removed
+
+
+def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
+    """The backend for ``url``: a local path (or ``file://``) gets :class:`LocalStorage`, anything else fsspec."""
+    s = os.fspath(url)
+    if s.startswith("file://"):
+        s = s[len("file://") :]
+    if "://" not in s:
+        return LocalStorage(s)
+    return FsspecStorage(s, storage_options)

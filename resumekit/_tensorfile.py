@@ -1,0 +1,214 @@
+"""Stream tensors into a safetensors file, and read one back with strict validation.
+
+The writer streams each tensor's bytes straight from its memory to the file object, computing the
+crc32c in the same pass, so a save never holds a second full copy of the state (``safetensors.torch``'s
+``save_file`` builds the whole file in memory first). Files are standard safetensors: the
+``safetensors`` library and any other reader load them.
+
+Tensors are laid out by descending element size, so every tensor starts at an offset aligned to its
+element size and can be viewed in place (``torch.frombuffer``) without a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import IO, Any
+
+import crc32c
+import torch
+
+from .errors import CheckpointCorruptError, UnsafeCheckpointError
+
+__all__ = ["TensorSpec", "parse_header", "tensors_from_buffer", "write_tensors"]
+
+_CHUNK = 64 << 20
+#: A header larger than this is refused before it is parsed (safetensors' own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+_ST_NAMES: dict[str, str] = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "complex64": "C64",
+}
+DTYPE_TO_ST: dict[torch.dtype, str] = {
+    getattr(torch, name): st for name, st in _ST_NAMES.items() if isinstance(getattr(torch, name, None), torch.dtype)
+}
+ST_TO_DTYPE: dict[str, torch.dtype] = {st: dt for dt, st in DTYPE_TO_ST.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor's entry in a safetensors header."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _host_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of ``t`` on the CPU (a copy only when ``t`` is on a device or not contiguous)."""
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_TO_ST:
+            raise CheckpointCorruptError(
+                f"tensor '{name}' has dtype {t.dtype}, which safetensors cannot store; convert it in state_dict()."
+            )
+    order = sorted(tensors, key=lambda n: -tensors[n].element_size())
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def write_tensors(
+    fileobj: IO[bytes], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[int, int]:
+    """Write ``tensors`` to ``fileobj`` as a safetensors file.
+
+    Args:
+        fileobj: an open binary file (or any object with ``write``).
+        tensors: name -> tensor, on any device; non-contiguous tensors are written contiguously.
+        metadata: the ``__metadata__`` string map (default ``{"format": "pt"}``).
+
+    Returns:
+        ``(size, crc32c)`` of the bytes written.
+    """
+    prefix, order = _layout(tensors, metadata)
+    fileobj.write(prefix)
+    crc = crc32c.crc32c(prefix)
+    size = len(prefix)
+    for name in order:
+        flat = _host_bytes(tensors[name])
+        n = flat.numel()
+        if n == 0:
+            continue
+        arr = flat.numpy()
+        for i in range(0, n, _CHUNK):
+            chunk = arr[i : i + _CHUNK]
+            fileobj.write(memoryview(chunk))
+            crc = crc32c.crc32c(chunk, crc)
+        size += n
+    return size, crc
+
+
+def parse_header(buf: bytes | bytearray | memoryview, where: str) -> tuple[dict[str, TensorSpec], int]:
+    """Validate a safetensors header and return its specs and the offset where data starts.
+
+    Everything is checked before any tensor is built: known dtypes, non-negative shapes, offsets that
+    match each shape exactly, tile the data region without gaps or overlaps, and fit in the file.
+
+    Raises:
+        CheckpointCorruptError: the header is malformed or inconsistent with the file size.
+        UnsafeCheckpointError: the header declares absurd sizes.
+    """
+    total = len(buf)
+    if total < 8:
+        raise CheckpointCorruptError(f"{where}: {total} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    if n > MAX_HEADER_BYTES or n > total - 8:
+        raise UnsafeCheckpointError(
+            f"{where}: header claims {n} bytes but the file has {total}; the file is truncated or hostile."
+        )
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointCorruptError(f"{where}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointCorruptError(f"{where}: header is not a JSON object")
+    data_start = 8 + n
+    data_len = total - data_start
+    specs: dict[str, TensorSpec] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        specs[name] = _spec(name, info, data_len, where)
+    expected = 0
+    for name, spec in sorted(specs.items(), key=lambda kv: kv[1].begin):
+        if spec.begin != expected:
+            raise CheckpointCorruptError(f"{where}: tensor '{name}' starts at {spec.begin}, expected {expected}")
+        expected = spec.end
+    if expected != data_len:
+        raise CheckpointCorruptError(f"{where}: tensors cover {expected} data bytes but the file has {data_len}")
+    return specs, data_start
+
+
+def _spec(name: str, info: Any, data_len: int, where: str) -> TensorSpec:
+    if not isinstance(info, dict):
+        raise CheckpointCorruptError(f"{where}: entry for '{name}' is not an object")
+    dtype = ST_TO_DTYPE.get(info.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise CheckpointCorruptError(f"{where}: tensor '{name}' has unknown dtype {info.get('dtype')!r}")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel * dtype.itemsize > data_len:
+            raise UnsafeCheckpointError(
+                f"{where}: tensor '{name}' declares shape {shape}, larger than the file's {data_len} data bytes"
+            )
+    begin, end = offsets
+    if end - begin != numel * dtype.itemsize or end > data_len:
+        raise CheckpointCorruptError(
+            f"{where}: tensor '{name}' spans bytes [{begin}, {end}) but shape {shape} of {dtype} needs "
+            f"{numel * dtype.itemsize}"
+        )
+    return TensorSpec(dtype, tuple(shape), begin, end)
+
+
+def tensors_from_buffer(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
+    """Parse a whole safetensors file held in ``buf`` into tensors that view ``buf`` (no copy)."""
+    specs, data_start = parse_header(buf, where)
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        numel = (spec.end - spec.begin) // spec.dtype.itemsize
+        if numel == 0:
+            out[name] = torch.empty(spec.shape, dtype=spec.dtype)
+            continue
+        offset = data_start + spec.begin
+        if offset % spec.dtype.itemsize:
+            # Files from other writers may be unaligned: copy that one tensor rather than misalign it.
+            raw = bytearray(buf[offset : offset + spec.end - spec.begin])
+            out[name] = torch.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=spec.dtype, count=numel, offset=offset).reshape(spec.shape)
+    return out

@@ -1,0 +1,511 @@
+"""The Checkpointer: save training state atomically, restore the newest checkpoint that verifies."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import torch
+
+from . import _retention
+from ._codec import TensorTable, decode, encode
+from ._dist import World, current_world
+from ._env import collect_environment, resumekit_version
+from ._manifest import (
+    SCOPE_RANK,
+    SCOPE_REPLICATED,
+    Entry,
+    FileRecord,
+    Manifest,
+    entry_files,
+    step_dir,
+    validate_entry_name,
+)
+from ._protocol import TrainingState
+from ._storage import Stage, Storage, open_storage
+from ._tensorfile import tensors_from_buffer, write_tensors
+from .drift import DriftPolicy, DriftReport, compare
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    StateMismatchError,
+    StepExistsError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+
+__all__ = ["CheckpointInfo", "Checkpointer", "RestoreResult"]
+
+log = logging.getLogger("resumekit")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :meth:`Checkpointer.save` committed."""
+
+    step: int
+    url: str
+    nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What :meth:`Checkpointer.restore` loaded.
+
+    Attributes:
+        step: the step restored.
+        url: where the checkpoint lives.
+        config: the ``config=`` mapping saved with it.
+        environment: the environment fingerprint saved with it.
+        drift: differences between the saved and the current environment and config.
+        skipped: newer checkpoints that failed verification, with the reason each was skipped.
+        not_restored: entries of ``state`` that were left untouched (``strict=False``).
+    """
+
+    step: int
+    url: str
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    drift: DriftReport
+    skipped: tuple[tuple[int, str], ...] = ()
+    not_restored: tuple[str, ...] = ()
+
+
+@dataclass
+class _Item:
+    name: str
+    obj: Any
+    scope: str
+    kind: str
+    last: bool  # RNG: captured first, restored last
+
+
+@dataclass
+class _Loaded:
+    manifest: Manifest
+    values: dict[str, Any] = field(default_factory=dict)
+    absent_rank: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _items(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[_Item]:
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be a mapping of entry name to object (e.g. {{'model': model}}), got {type(state).__name__}"
+        )
+    items = []
+    for name, obj in state.items():
+        validate_entry_name(name)
+        if isinstance(obj, TrainingState):
+            kind = "state"
+        elif isinstance(obj, MutableMapping):
+            kind = "mapping"
+        else:
+            raise TypeError(
+                f"state entry '{name}' is a {type(obj).__name__}, which has no state_dict()/load_state_dict(). "
+                "Pass an object with both methods, or a dict (restored in place)."
+            )
+        scope = SCOPE_RANK if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank" else SCOPE_REPLICATED
+        last = bool(getattr(obj, "resumekit_restore_last", False))
+        items.append(_Item(name, obj, scope, kind, last))
+    # Invariant: RNG state is captured before any other state_dict() and restored after any other
+    # load_state_dict(), so side effects of those calls cannot shift a random stream.
+    items.sort(key=lambda it: not it.last)
+    return items
+
+
+def _check_step(step: Any) -> int:
+    if type(step) is not int or step < 0:
+        raise TypeError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def _crc_hex(crc: int) -> str:
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+class Checkpointer:
+    """Saves and restores training state atomically, locally or on any fsspec store.
+
+    Args:
+        url: a local folder, ``file://``, ``s3://``, ``gs://``, ``memory://`` or any fsspec URL.
+        keep_last: keep only this many newest checkpoints (None keeps all). Retention runs only
+            after a new checkpoint is committed.
+        keep_every: also keep every step divisible by this forever (milestones).
+        config: the run's configuration (JSON-serialisable); saved in every manifest and compared on
+            restore for drift.
+        drift_policy: how to treat each kind of drift; defaults to :class:`~resumekit.DriftPolicy`'s.
+        per_rank: entry names saved once per rank (objects with ``resumekit_scope = "rank"``, such as
+            :class:`~resumekit.RNGState`, are per rank already). Others are saved by rank 0 only.
+        storage_options: passed to fsspec (credentials, endpoint, ...).
+        process_group: the torch.distributed group that saves together (default: the world).
+        orphan_grace_seconds: unfinished writes younger than this are never cleaned up (another
+            writer may still be finishing them).
+
+    Example:
+        >>> ckpt = Checkpointer("/tmp/run-7", keep_last=3)  # doctest: +SKIP
+        >>> restored = ckpt.restore(state)                 # doctest: +SKIP
+        >>> ckpt.save(state, step=100)                     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        drift_policy: DriftPolicy | None = None,
+        per_rank: tuple[str, ...] | list[str] = (),
+        storage_options: dict[str, Any] | None = None,
+        process_group: Any = None,
+        orphan_grace_seconds: float = 3600.0,
+    ) -> None:
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        self.config: dict[str, Any] = dict(config or {})
+        try:
+            json.dumps(self.config, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"config must be JSON-serialisable (str keys; str, int, float, bool, None, lists, dicts): {exc}"
+            ) from exc
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.drift_policy = drift_policy or DriftPolicy()
+        self.per_rank = frozenset(per_rank)
+        self.orphan_grace_seconds = float(orphan_grace_seconds)
+        self._group = process_group
+        self._storage: Storage = open_storage(url, storage_options)
+        self.url = self._storage.url
+
+    # -- discovery ----------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (those with a manifest; not yet verified)."""
+        return [s for s in self._storage.step_candidates() if self._storage.read_manifest(s) is not None]
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        for s in reversed(self._storage.step_candidates()):
+            if self._storage.read_manifest(s) is not None:
+                return s
+        return None
+
+    # -- save ---------------------------------------------------------------------------------------
+
+    def save(self, state: Mapping[str, Any], *, step: int) -> CheckpointInfo:
+        """Write ``state`` as checkpoint ``step`` and commit it atomically; then apply retention.
+
+        Under torch.distributed every rank of the group must call this together. Entries identical
+        across ranks are written once by rank 0; per-rank entries by each rank; the manifest only
+        after every rank's files are durable.
+
+        Args:
+            state: entry name -> object with ``state_dict()``/``load_state_dict()`` (or a plain dict).
+            step: the step number (a non-negative int); an existing step is never overwritten.
+
+        Raises:
+            StepExistsError: the step is already committed.
+            StorageError: an I/O failure (errno kept); nothing became visible.
+            UnsupportedValueError: a state value cannot be stored without pickle.
+        """
+        t0 = time.perf_counter()
+        step = _check_step(step)
+        items = _items(state, self.per_rank)
+        world = current_world(self._group)
+        plan = world.broadcast_json(
+            {"exists": self._storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
+            if world.rank == 0
+            else None
+        )
+        if plan["exists"]:
+            raise StepExistsError(
+                f"step {step} already exists in '{self.url}'; checkpoints are never overwritten. Save under a "
+                "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
+            )
+        stage: Stage | None = None
+        files: dict[str, FileRecord] = {}
+        local_exc: BaseException | None = None
+        try:
+            stage = self._storage.stage(step, plan["writer"])
+            files = self._write_entries(stage, items, world)
+        except Exception as exc:
+            local_exc = exc
+        reports = world.all_gather_json(
+            {"files": {p: [r.size, r.crc32c] for p, r in files.items()}, "error": _describe(local_exc)}
+        )
+        failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"]]
+        if failed:
+            if stage is not None:
+                stage.abort()
+            if local_exc is not None:
+                raise local_exc
+            raise StorageError(
+                f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
+                "Nothing was committed; earlier checkpoints are intact."
+            )
+        commit_error = None
+        if world.rank == 0 and stage is not None:
+            all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r["files"].items()}
+            manifest = self._manifest(step, plan["writer"], stage.data_prefix, items, all_files, world)
+            try:
+                stage.commit(manifest.to_json())
+            except Exception as exc:
+                stage.abort()
+                local_exc = exc
+                commit_error = _describe(exc)
+        commit_error = world.broadcast_json(commit_error)
+        if commit_error:
+            if local_exc is not None:
+                raise local_exc
+            raise StorageError(f"rank 0 could not commit step {step}: {commit_error}")
+        if world.rank == 0:
+            self._retain()
+        nbytes = sum(size for r in reports for size, _ in r["files"].values())
+        return CheckpointInfo(step, f"{self.url}/{step_dir(step)}", nbytes, time.perf_counter() - t0)
+
+    def _write_entries(self, stage: Stage, items: list[_Item], world: World) -> dict[str, FileRecord]:
+        files: dict[str, FileRecord] = {}
+        for it in items:
+            if it.scope == SCOPE_REPLICATED and world.rank != 0:
+                continue
+            raw_state = it.obj.state_dict() if it.kind == "state" else dict(it.obj)
+            table = TensorTable()
+            skeleton = encode(raw_state, table)
+            json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(table.tensors))
+            body = json.dumps(skeleton, allow_nan=False).encode("utf-8")
+            with stage.open_write(stage.data_prefix + json_name) as f:
+                f.write(body)
+            files[stage.data_prefix + json_name] = FileRecord(len(body), _crc_hex(crc32c.crc32c(body)))
+            if st_name is not None:
+                with stage.open_write(stage.data_prefix + st_name) as f:
+                    size, crc = write_tensors(f, table.tensors)
+                files[stage.data_prefix + st_name] = FileRecord(size, _crc_hex(crc))
+        return files
+
+    def _manifest(
+        self,
+        step: int,
+        writer: str,
+        data_prefix: str,
+        items: list[_Item],
+        files: dict[str, FileRecord],
+        world: World,
+    ) -> Manifest:
+        entries = {
+            it.name: Entry(
+                scope=it.scope,
+                kind=it.kind,
+                ranks=tuple(range(world.size)) if it.scope == SCOPE_RANK else (0,),
+            )
+            for it in items
+        }
+        return Manifest(
+            step=step,
+            writer_id=writer,
+            world_size=world.size,
+            entries=entries,
+            files=files,
+            environment=collect_environment(world_size=world.size),
+            config=self.config,
+            created_unix=time.time(),
+            resumekit_version=resumekit_version(),
+            data_prefix=data_prefix,
+        )
+
+    def _retain(self) -> None:
+        try:
+            doomed = _retention.steps_to_delete(
+                self._storage.step_candidates(), keep_last=self.keep_last, keep_every=self.keep_every
+            )
+            committed = set(self.steps())
+            for s in doomed:
+                if s in committed:
+                    self._storage.delete_step(s)
+            self._storage.cleanup(self.orphan_grace_seconds)
+        except Exception as exc:  # the new checkpoint is committed; a failed clean-up must not hide that
+            warnings.warn(f"resumekit: retention in '{self.url}' failed ({exc}); will retry after the next save",
+                          stacklevel=3)
+
+    # -- restore ------------------------------------------------------------------------------------
+
+    def restore(self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True) -> RestoreResult | None:
+        """Load the newest checkpoint that verifies (or ``step``) into ``state``, in place.
+
+        Every file is read once and checked against the manifest's size and crc32c before any object is
+        touched. A checkpoint that fails is named in a warning and the previous one is tried. RNG entries
+        are restored after every other entry.
+
+        Args:
+            state: entry name -> object, as given to :meth:`save`.
+            step: restore exactly this step (no fallback); None for the newest that verifies.
+            strict: when False, entries of ``state`` missing from the checkpoint are left untouched
+                (listed in ``RestoreResult.not_restored``) instead of raising.
+
+        Returns:
+            None when the root holds no committed checkpoint (a fresh run), else a :class:`RestoreResult`.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and is not committed.
+            CheckpointCorruptError: no committed checkpoint verifies (each one's failure is listed).
+            UnsupportedFormatError: the checkpoint needs a newer resumekit.
+            DriftError: the drift policy rates a change as an error (nothing was loaded).
+            StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``).
+        """
+        items = _items(state, self.per_rank)
+        world = current_world(self._group)
+        candidates: list[int] = world.broadcast_json(self._storage.step_candidates() if world.rank == 0 else None)
+        if step is not None:
+            _check_step(step)
+            if step not in candidates or self._storage.read_manifest(step) is None:
+                raise CheckpointNotFoundError(
+                    f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {self.steps()}"
+                )
+            candidates = [step]
+        skipped: list[tuple[int, str]] = []
+        loaded: _Loaded | None = None
+        for s in reversed(candidates):
+            result: _Loaded | None = None
+            reason = ""
+            try:
+                result = self._load_step(s, items, world, strict)
+            except (CheckpointCorruptError, UnsafeCheckpointError, StorageError) as exc:
+                reason = str(exc)
+            reasons = world.all_gather_json(reason)
+            bad = [f"rank {r}: {msg}" if world.distributed else msg for r, msg in enumerate(reasons) if msg]
+            if not bad and result is None:
+                continue  # not committed (no manifest): an unfinished write or debris, not a checkpoint
+            if not bad and result is not None:
+                loaded = result
+                break
+            why = "; ".join(bad)
+            if step is not None:
+                raise CheckpointCorruptError(f"checkpoint step {s} in '{self.url}' failed verification: {why}")
+            warnings.warn(
+                f"resumekit: checkpoint step {s} in '{self.url}' failed verification and is skipped: {why}. "
+                "Falling back to the previous checkpoint.",
+                stacklevel=2,
+            )
+            skipped.append((s, why))
+        if loaded is None:
+            if skipped:
+                listing = "\n".join(f"  step {s}: {why}" for s, why in skipped)
+                raise CheckpointCorruptError(
+                    f"no checkpoint in '{self.url}' verifies:\n{listing}\n"
+                    "Inspect them with `resumekit verify URL`; start fresh with a new folder if none can be saved."
+                )
+            return None
+        m = loaded.manifest
+        report = compare(m.environment, m.config, collect_environment(world_size=world.size), self.config,
+                         self.drift_policy)
+        report.raise_for_errors()  # before any object is touched
+        report.emit(log)
+        for name in loaded.absent_rank:
+            warnings.warn(
+                f"resumekit: checkpoint step {m.step} was saved by {m.world_size} rank(s) and has no '{name}' "
+                f"record for rank {world.rank}; that entry keeps its current state on this rank.",
+                stacklevel=2,
+            )
+        for it in sorted(items, key=lambda it: it.last):
+            if it.name not in loaded.values:
+                continue
+            value = loaded.values[it.name]
+            if it.kind == "state":
+                it.obj.load_state_dict(value)
+            else:
+                it.obj.clear()
+                it.obj.update(value)
+        not_restored = tuple(it.name for it in items if it.name not in loaded.values and it.name not in loaded.absent_rank)
+        return RestoreResult(
+            step=m.step,
+            url=f"{self.url}/{step_dir(m.step)}",
+            config=m.config,
+            environment=m.environment,
+            drift=report,
+            skipped=tuple(skipped),
+            not_restored=not_restored,
+        )
+
+    def _load_step(self, step: int, items: list[_Item], world: World, strict: bool) -> _Loaded | None:
+        where = f"{self.url}/{step_dir(step)}"
+        raw = self._storage.read_manifest(step)
+        if raw is None:
+            return None
+        m = Manifest.from_json(raw, f"{where}/manifest.json")
+        if m.step != step:
+            raise CheckpointCorruptError(f"{where}: manifest says step {m.step}; the folder was renamed or copied")
+        missing = [it.name for it in items if it.name not in m.entries]
+        if missing and strict:
+            raise StateMismatchError(
+                f"checkpoint step {step} in '{self.url}' has no entries {missing} (it has {sorted(m.entries)}). "
+                "Restore with strict=False to leave those entries as they are, or remove them from state."
+            )
+        out = _Loaded(m)
+        for it in items:
+            entry = m.entries.get(it.name)
+            if entry is None:
+                continue
+            rank = world.rank if entry.scope == SCOPE_RANK else 0
+            if rank not in entry.ranks:
+                out.absent_rank.append(it.name)
+                continue
+            json_name, st_name = entry_files(it.name, entry.scope, rank, True)
+            json_name, st_name = m.data_prefix + json_name, m.data_prefix + (st_name or "")
+            try:
+                skeleton = json.loads(self._read_verified(step, m, json_name, where))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
+            tensors: dict[str, torch.Tensor] = {}
+            if st_name in m.files:
+                tensors = tensors_from_buffer(self._read_verified(step, m, st_name, where), f"{where}/{st_name}")
+
+            def lookup(name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}") -> torch.Tensor:
+                try:
+                    return _t[name]
+                except KeyError:
+                    raise CheckpointCorruptError(f"{_w} has no tensor '{name}' the skeleton refers to") from None
+
+            out.values[it.name] = decode(skeleton, lookup, it.name)
+        return out
+
+    def _read_verified(self, step: int, m: Manifest, relpath: str, where: str) -> bytearray:
+        rec = m.files.get(relpath)
+        if rec is None:
+            raise CheckpointCorruptError(f"{where}: manifest does not list '{relpath}'")
+        buf = self._storage.read_file(step, relpath, rec.size)
+        actual = _crc_hex(crc32c.crc32c(buf))
+        if actual != rec.crc32c:
+            raise CheckpointCorruptError(
+                f"{where}/{relpath}: crc32c {actual} does not match the manifest's {rec.crc32c}; "
+                "the file was corrupted after it was written (disk, transfer or a manual edit)."
+            )
+        return buf
+
+    # -- context manager ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish any work in flight. Idempotent."""
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}"
+
