@@ -1,0 +1,594 @@
+"""What changed between the run that saved a checkpoint and the run restoring it.
+
+A checkpoint records the environment (:func:`resumekit._env.collect_environment`) and the user's
+``config=`` mapping. On restore, :func:`compare` turns the differences into a :class:`DriftReport` of
+:class:`DriftItem` s, each with a severity chosen by a :class:`DriftPolicy`. Everything here is pure:
+no I/O, no global state, so the same comparison backs ``Checkpointer.restore`` and ``resumekit drift``.
+
+Drift keys:
+
+* ``format``: the checkpoint's on-storage format version against the one this resumekit writes.
+* ``env.python``, ``env.torch``, ``env.cuda``, ``env.cudnn``, ``env.numpy``, ``env.resumekit``:
+  versions, compared with ``packaging.version``.
+* ``env.platform``, ``env.device`` (device type, count and names together), ``env.world_size``,
+  ``env.amp_dtype``.
+* ``config.<name>``: one key per leaf of the user's config; nested mappings are joined with dots
+  (``{"optim": {"lr": 1e-3}}`` is ``config.optim.lr``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from packaging.version import InvalidVersion, Version
+
+from resumekit.errors import DriftError
+
+__all__ = [
+    "BATCH_SIZE_KEYS",
+    "GRAD_ACCUMULATION_KEYS",
+    "MISSING",
+    "POLICY_ENV_KEYS",
+    "DriftItem",
+    "DriftPolicy",
+    "DriftReport",
+    "DriftWarning",
+    "Severity",
+    "compare",
+]
+
+Severity = Literal["error", "warn", "ignore"]
+_SEVERITIES: tuple[str, ...] = ("error", "warn", "ignore")
+
+#: Config names read as the per-device (micro) batch size, in order of preference.
+BATCH_SIZE_KEYS: tuple[str, ...] = (
+    "batch_size",
+    "per_device_batch_size",
+    "per_device_train_batch_size",
+    "micro_batch_size",
+)
+#: Config names read as the number of gradient-accumulation steps, in order of preference.
+GRAD_ACCUMULATION_KEYS: tuple[str, ...] = (
+    "grad_accumulation",
+    "gradient_accumulation_steps",
+    "accumulate_grad_batches",
+)
+
+#: The environment keys a policy may name (as ``env.<key>``), in report order.
+POLICY_ENV_KEYS: tuple[str, ...] = (
+    "python",
+    "torch",
+    "cuda",
+    "cudnn",
+    "numpy",
+    "resumekit",
+    "platform",
+    "device",
+    "world_size",
+    "amp_dtype",
+)
+_VERSION_ENV_KEYS = ("python", "torch", "cuda", "cudnn", "numpy", "resumekit")
+_FORMAT_KEY = "format"
+
+# Severities that differ from the policy's ``default``. They apply unless the user overrides the key.
+_BUILTIN_SEVERITIES: dict[str, Severity] = {_FORMAT_KEY: "error"}
+
+
+class _Missing:
+    """Marks a config key that exists on one side only (a single instance, :data:`MISSING`)."""
+
+    def __repr__(self) -> str:
+        return "absent"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: The ``saved`` or ``current`` value of a :class:`DriftItem` for a config key present on one side only.
+MISSING: Any = _Missing()
+
+
+class DriftWarning(UserWarning):
+    """Category of the warnings :meth:`DriftReport.emit` issues, so they can be filtered as a group."""
+
+
+def _is_pattern(key: str) -> bool:
+    return any(ch in key for ch in "*?[")
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"DriftPolicy keys must be non-empty strings, got {key!r}.")
+    if _is_pattern(key) or key == _FORMAT_KEY:
+        return
+    head, _, rest = key.partition(".")
+    if head == "config" and rest:
+        return
+    if head == "env" and rest in POLICY_ENV_KEYS:
+        return
+    known = ", ".join(f"env.{k}" for k in POLICY_ENV_KEYS)
+    if head == "env" and rest.startswith("device"):
+        hint = "did you mean 'env.device'? It covers device type, count and names together"
+    elif head == "env":
+        hint = f"environment keys are {known}"
+    elif key in POLICY_ENV_KEYS:
+        hint = f"did you mean 'env.{key}'?"
+    else:
+        hint = f"did you mean 'config.{key}'? Config keys are prefixed with 'config.'"
+    raise ValueError(
+        f"DriftPolicy got unknown drift key {key!r}: {hint}. Valid keys are 'format', {known}, "
+        "'config.<name>' (nested config joined with dots), or a glob pattern such as 'config.*'."
+    )
+
+
+def _check_severity(what: str, severity: object) -> Severity:
+    if severity not in _SEVERITIES:
+        raise ValueError(
+            f"DriftPolicy: severity for {what} must be one of 'error', 'warn', 'ignore', got {severity!r}."
+        )
+    return severity  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, init=False)
+class DriftPolicy:
+    """How serious each kind of drift is: ``"error"``, ``"warn"`` or ``"ignore"``.
+
+    The severity of a change to ``key`` is, first match wins:
+
+    1. ``overrides[key]``; then the longest glob pattern in ``overrides`` that matches ``key``
+       (``"config.*"``, ``"env.*"``). An override applies to every change of its key.
+    2. ``patch`` for a patch-level or build-only version change (``2.13.0`` -> ``2.13.1``,
+       ``2.13.0+cpu`` -> ``2.13.0+cu121``) and for a checkpoint in an older format that this
+       resumekit still reads.
+    3. The built-in default: ``"error"`` for ``format`` (a checkpoint written in a newer format).
+    4. ``default`` for everything else: minor and major version changes, platform, device, world size,
+       AMP dtype, batch size, gradient accumulation and every other config key.
+
+    Example:
+        ``DriftPolicy({"env.torch": "error", "config.lr": "ignore"}, default="warn")``
+
+    Args:
+        overrides: Severity per drift key or glob pattern. Keys are ``"format"``, ``"env.<name>"``
+            (see :data:`POLICY_ENV_KEYS`) or ``"config.<name>"``.
+        default: Severity of a change no override or built-in default covers.
+        patch: Severity of patch-level version changes and older checkpoint formats.
+
+    Raises:
+        ValueError: A key is not a drift key (the message suggests the right spelling) or a severity
+            is not one of ``"error"``, ``"warn"``, ``"ignore"``.
+    """
+
+    overrides: Mapping[str, Severity] = field(default_factory=dict)
+    default: Severity = "warn"
+    patch: Severity = "ignore"
+
+    def __init__(
+        self,
+        overrides: Optional[Mapping[str, Severity]] = None,
+        *,
+        default: Severity = "warn",
+        patch: Severity = "ignore",
+    ) -> None:
+        checked: dict[str, Severity] = {}
+        for key, severity in (overrides or {}).items():
+            _check_key(key)
+            checked[key] = _check_severity(repr(key), severity)
+        object.__setattr__(self, "overrides", checked)
+        object.__setattr__(self, "default", _check_severity("default", default))
+        object.__setattr__(self, "patch", _check_severity("patch", patch))
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self.overrides.items())), self.default, self.patch))
+
+    def severity(self, key: str, *, patch_level: bool = False) -> Severity:
+        """Return the severity of a change to ``key``.
+
+        Args:
+            key: A drift key such as ``"env.torch"`` or ``"config.batch_size"``.
+            patch_level: The change is a patch-level version change or an older, still readable format.
+
+        Returns:
+            ``"error"``, ``"warn"`` or ``"ignore"``, by the rules in the class docstring.
+        """
+        if key in self.overrides:
+            return self.overrides[key]
+        patterns = sorted((p for p in self.overrides if _is_pattern(p)), key=len, reverse=True)
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(key, pattern):
+                return self.overrides[pattern]
+        if patch_level:
+            return self.patch
+        return _BUILTIN_SEVERITIES.get(key, self.default)
+
+
+@dataclass(frozen=True)
+class DriftItem:
+    """One difference between the saved and the current run.
+
+    Attributes:
+        key: The drift key, e.g. ``"env.torch"`` or ``"config.batch_size"``.
+        saved: The value recorded in the checkpoint (:data:`MISSING` for a config key added since).
+        current: The value now (:data:`MISSING` for a config key removed since).
+        severity: ``"error"``, ``"warn"`` or ``"ignore"``, from the policy.
+        message: A sentence naming both values, the consequence and the fix.
+    """
+
+    key: str
+    saved: Any
+    current: Any
+    severity: Severity
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the item as JSON-ready data; :data:`MISSING` becomes ``None``."""
+        return {
+            "key": self.key,
+            "saved": None if self.saved is MISSING else self.saved,
+            "current": None if self.current is MISSING else self.current,
+            "severity": self.severity,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Every difference :func:`compare` found, in a stable order.
+
+    ``bool(report)`` is true when something drifted that the policy does not ignore.
+
+    Attributes:
+        items: All differences, ignored ones included (``format``, then ``env.*`` in
+            :data:`POLICY_ENV_KEYS` order, then ``config.*`` in the saved config's order).
+    """
+
+    items: tuple[DriftItem, ...] = ()
+
+    @property
+    def errors(self) -> tuple[DriftItem, ...]:
+        """Items whose severity is ``"error"``."""
+        return tuple(i for i in self.items if i.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[DriftItem, ...]:
+        """Items whose severity is ``"warn"``."""
+        return tuple(i for i in self.items if i.severity == "warn")
+
+    @property
+    def ignored(self) -> tuple[DriftItem, ...]:
+        """Items the policy ignores (still listed, e.g. for ``resumekit drift``)."""
+        return tuple(i for i in self.items if i.severity == "ignore")
+
+    def __bool__(self) -> bool:
+        return any(i.severity != "ignore" for i in self.items)
+
+    def raise_for_errors(self) -> None:
+        """Raise if any item is an error; do nothing otherwise.
+
+        Raises:
+            DriftError: Listing every error-level item, one message a line.
+        """
+        errors = self.errors
+        if not errors:
+            return
+        lines = "\n".join(f"  - {i.message}" for i in errors)
+        noun = "change" if len(errors) == 1 else "changes"
+        raise DriftError(
+            f"The checkpoint was saved in a different environment or config: {len(errors)} {noun} the "
+            f"drift policy treats as errors:\n{lines}\n"
+            "Restore in the saved environment, or relax these keys in the DriftPolicy."
+        )
+
+    def emit(self, logger: Optional[logging.Logger] = None, *, stacklevel: int = 2) -> None:
+        """Report the items: warnings through :mod:`warnings` and logging, the rest through logging.
+
+        Errors are logged at ERROR, warnings are issued as :class:`DriftWarning` and logged at WARNING,
+        ignored items are logged at INFO (patch-level changes stay visible to whoever wants them).
+
+        Args:
+            logger: Where to log; ``logging.getLogger("resumekit.drift")`` by default.
+            stacklevel: Passed to :func:`warnings.warn` so the warning points at the caller's code.
+        """
+        log = logger if logger is not None else logging.getLogger("resumekit.drift")
+        for item in self.items:
+            if item.severity == "error":
+                log.error(item.message)
+            elif item.severity == "warn":
+                warnings.warn(item.message, DriftWarning, stacklevel=stacklevel + 1)
+                log.warning(item.message)
+            else:
+                log.info(item.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return ``{"items": [...], "errors": n, "warnings": n}`` as JSON-ready data."""
+        return {
+            "items": [i.to_dict() for i in self.items],
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+def _normalise(value: Any) -> Any:
+    """Bring a value to the form it has after a JSON round trip (tuples are lists, keys are strings)."""
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # exotic __eq__ (arrays): fall back to the textual form
+        return repr(a) == repr(b)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _pick(flat: Mapping[str, Any], names: tuple[str, ...]) -> Optional[str]:
+    """The config key read for one of ``names``: top level first, then the shallowest nested key."""
+    candidates = [k for k in flat if k.rsplit(".", 1)[-1] in names]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda k: (k.count("."), names.index(k.rsplit(".", 1)[-1])))
+
+
+# ------------------------------------------------------------------------------------------- messages
+
+
+def _tail(key: str) -> str:
+    return f"set DriftPolicy({{{key!r}: 'ignore'}})"
+
+
+def _version_level(saved: Any, current: Any) -> Optional[str]:
+    """``"major"``, ``"minor"``, ``"patch"`` or ``"build"``; ``None`` when either is not a version."""
+    try:
+        a, b = Version(str(saved)), Version(str(current))
+    except InvalidVersion:
+        return None
+    ra, rb = (*a.release, 0, 0, 0)[:3], (*b.release, 0, 0, 0)[:3]
+    if ra[0] != rb[0]:
+        return "major"
+    if ra[1] != rb[1]:
+        return "minor"
+    if ra[2] != rb[2] or a.release != b.release:
+        return "patch"
+    return "build"
+
+
+def _device_summary(env: Mapping[str, Any]) -> str:
+    kind = env.get("device_type")
+    count = env.get("device_count")
+    names = env.get("device_names")
+    if kind == "cpu":
+        return "cpu"
+    if isinstance(names, list) and names:
+        if len(set(names)) == 1:
+            return f"{len(names)}x {names[0]}"
+        return ", ".join(str(n) for n in names)
+    return f"{count}x {kind}"
+
+
+def _device_changed(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    if saved.get("device_type") != current.get("device_type"):
+        return True
+    if saved.get("device_count") != current.get("device_count"):
+        return True
+    a, b = saved.get("device_names"), current.get("device_names")
+    # Names are None when CUDA was not initialised at collection time: type and count decide then.
+    return a is not None and b is not None and a != b
+
+
+@dataclass(frozen=True)
+class _Batch:
+    batch_key: Optional[str]
+    batch: Any
+    accum: Any
+    world: Any
+
+    def formula(self) -> Optional[str]:
+        if not (_is_count(self.batch) and _is_count(self.accum) and _is_count(self.world)):
+            return None
+        return f"{self.batch}x{self.accum}x{self.world}={self.batch * self.accum * self.world}"
+
+
+def _batch(flat: Mapping[str, Any], env: Mapping[str, Any]) -> tuple[_Batch, Optional[str]]:
+    batch_key = _pick(flat, BATCH_SIZE_KEYS)
+    accum_key = _pick(flat, GRAD_ACCUMULATION_KEYS)
+    return (
+        _Batch(
+            batch_key=batch_key,
+            batch=flat[batch_key] if batch_key is not None else None,
+            accum=flat[accum_key] if accum_key is not None else 1,
+            world=env.get("world_size", 1),
+        ),
+        accum_key,
+    )
+
+
+def _batch_message(key: str, saved: Any, current: Any, before: _Batch, after: _Batch) -> str:
+    a, b = before.formula(), after.formula()
+    if a is not None and b is not None:
+        same = " (unchanged)" if a.rsplit("=", 1)[1] == b.rsplit("=", 1)[1] else ""
+        effect = f"effective global batch {a} -> {b}{same}"
+    else:
+        effect = (
+            "effective global batch unknown (the config needs a positive integer per-device batch size "
+            f"under one of {', '.join(BATCH_SIZE_KEYS)})"
+        )
+    return (
+        f"{key} changed: {saved!r} at save, {current!r} now; {effect}. "
+        f"Check that the learning rate and schedule still fit, or {_tail(key)}."
+    )
+
+
+_SAME_RUN = "results may differ slightly from an uninterrupted run"
+_ENV_ADVICE: dict[str, tuple[str, str]] = {
+    "platform": (_SAME_RUN.capitalize(), "resume on the saved platform to reproduce it exactly"),
+    "device": (
+        f"Tensors load onto the devices your objects live on, and {_SAME_RUN}",
+        "resume on the saved hardware to reproduce it exactly",
+    ),
+    "amp_dtype": (
+        "Mixed-precision numerics differ between dtypes, and float16 needs a GradScaler while bfloat16 "
+        "does not",
+        "train with the saved dtype to reproduce the run exactly",
+    ),
+}
+_VERSION_ADVICE = (_SAME_RUN.capitalize(), "pin the saved version to reproduce it exactly")
+_LEVEL_DETAIL = {
+    "major": " (major version change)",
+    "minor": " (minor version change)",
+    "patch": " (patch version change)",
+    "build": " (same release, different build)",
+}
+
+
+def _env_message(key: str, saved: Any, current: Any, level: Optional[str]) -> str:
+    consequence, fix = _ENV_ADVICE.get(key.removeprefix("env."), _VERSION_ADVICE)
+    detail = _LEVEL_DETAIL.get(level or "", "")
+    return f"{key} changed: {saved} at save, {current} now{detail}. {consequence}; {fix}, or {_tail(key)}."
+
+
+def _config_message(key: str, saved: Any, current: Any) -> str:
+    if saved is MISSING:
+        head = f"{key} added: absent at save, {current!r} now."
+    elif current is MISSING:
+        head = f"{key} removed: {saved!r} at save, absent now."
+    else:
+        head = f"{key} changed: {saved!r} at save, {current!r} now."
+    return f"{head} Check that this is intended, or {_tail(key)}."
+
+
+def _format_item(saved: int, current: int, policy: DriftPolicy) -> Optional[DriftItem]:
+    if saved == current:
+        return None
+    if saved > current:
+        message = (
+            f"format changed: {saved} at save, {current} now; this checkpoint was written by a newer "
+            f"resumekit and needs one that reads format {saved} (this one reads up to {current}). "
+            "Upgrade resumekit: pip install -U resumekit."
+        )
+        return DriftItem(_FORMAT_KEY, saved, current, policy.severity(_FORMAT_KEY), message)
+    message = (
+        f"format changed: {saved} at save, {current} now; this resumekit reads the older format, "
+        "nothing to do."
+    )
+    return DriftItem(_FORMAT_KEY, saved, current, policy.severity(_FORMAT_KEY, patch_level=True), message)
+
+
+# -------------------------------------------------------------------------------------------- compare
+
+
+def compare(
+    saved_env: Optional[Mapping[str, Any]],
+    saved_config: Optional[Mapping[str, Any]],
+    current_env: Optional[Mapping[str, Any]],
+    current_config: Optional[Mapping[str, Any]],
+    policy: Optional[DriftPolicy] = None,
+    *,
+    saved_format: Optional[int] = None,
+    current_format: Optional[int] = None,
+) -> DriftReport:
+    """Compare a checkpoint's environment and config with the current ones.
+
+    Pure: reads only its arguments. An environment key missing on either side (a checkpoint from an
+    older resumekit) is not compared; a config that is ``None`` on either side (not recorded) is not
+    compared, while ``{}`` is a recorded, empty config. Configs are compared in their JSON form, so a
+    tuple equals the list it becomes in ``manifest.json``.
+
+    When ``env.world_size`` or the config's per-device batch size or gradient accumulation (see
+    :data:`BATCH_SIZE_KEYS`, :data:`GRAD_ACCUMULATION_KEYS`) changes, the message gives the effective
+    global batch (per-device batch x accumulation x world size) before and after. A missing
+    accumulation key counts as 1.
+
+    Args:
+        saved_env: The environment recorded at save (``manifest["environment"]``).
+        saved_config: The config recorded at save.
+        current_env: This process's environment (:func:`resumekit._env.collect_environment`).
+        current_config: The config passed to the current ``Checkpointer``.
+        policy: Severities; ``DriftPolicy()`` by default.
+        saved_format: The checkpoint's ``format_version``; compared only when both formats are given.
+        current_format: The newest format this resumekit reads.
+
+    Returns:
+        The report; empty (and false) when nothing changed.
+    """
+    policy = policy if policy is not None else DriftPolicy()
+    s_env: Mapping[str, Any] = _normalise(saved_env or {})
+    c_env: Mapping[str, Any] = _normalise(current_env or {})
+    compare_config = saved_config is not None and current_config is not None
+    s_flat = _flatten(_normalise(saved_config)) if compare_config and saved_config is not None else {}
+    c_flat = _flatten(_normalise(current_config)) if compare_config and current_config is not None else {}
+    s_batch, s_accum_key = _batch(s_flat, s_env)
+    c_batch, c_accum_key = _batch(c_flat, c_env)
+    batch_keys = {k for k in (s_batch.batch_key, c_batch.batch_key, s_accum_key, c_accum_key) if k}
+
+    items: list[DriftItem] = []
+    if saved_format is not None and current_format is not None:
+        item = _format_item(saved_format, current_format, policy)
+        if item is not None:
+            items.append(item)
+
+    for name in POLICY_ENV_KEYS:
+        key = f"env.{name}"
+        if name == "device":
+            if "device_type" in s_env and "device_type" in c_env and _device_changed(s_env, c_env):
+                saved, current = _device_summary(s_env), _device_summary(c_env)
+                message = _env_message(key, saved, current, None)
+                items.append(DriftItem(key, saved, current, policy.severity(key), message))
+            continue
+        if name not in s_env or name not in c_env or _same(s_env[name], c_env[name]):
+            continue
+        saved, current = s_env[name], c_env[name]
+        if name == "world_size":
+            message = _batch_message(key, saved, current, s_batch, c_batch)
+            items.append(DriftItem(key, saved, current, policy.severity(key), message))
+            continue
+        level = _version_level(saved, current) if name in _VERSION_ENV_KEYS else None
+        message = _env_message(key, saved, current, level)
+        severity = policy.severity(key, patch_level=level in ("patch", "build"))
+        items.append(DriftItem(key, saved, current, severity, message))
+
+    for name in [*s_flat, *(k for k in c_flat if k not in s_flat)]:
+        saved = s_flat.get(name, MISSING)
+        current = c_flat.get(name, MISSING)
+        if saved is not MISSING and current is not MISSING and _same(saved, current):
+            continue
+        key = f"config.{name}"
+        if name in batch_keys:
+            message = _batch_message(key, saved, current, s_batch, c_batch)
+        else:
+            message = _config_message(key, saved, current)
+        items.append(DriftItem(key, saved, current, policy.severity(key), message))
+    return DriftReport(tuple(items))
