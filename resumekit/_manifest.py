@@ -104,7 +104,7 @@ class Manifest:
     entries: dict[str, Entry]
     files: dict[str, FileRecord]
     environment: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
     created_unix: float = 0.0
     resumekit_version: str = ""
     format_version: int = FORMAT_VERSION
@@ -152,7 +152,7 @@ class Manifest:
                 entries=entries,
                 files=files,
                 environment=_dict(d.get("environment", {})),
-                config=_dict(d.get("config", {})),
+                config=None if d.get("config") is None else _dict(d["config"]),
                 created_unix=float(d.get("created_unix", 0.0)),
                 resumekit_version=_str(d.get("resumekit_version", "")),
                 format_version=version,

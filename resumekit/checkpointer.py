@@ -20,6 +20,7 @@ from ._codec import TensorTable, decode, encode
 from ._dist import World, current_world
 from ._env import collect_environment, resumekit_version
 from ._manifest import (
+    FORMAT_VERSION,
     SCOPE_RANK,
     SCOPE_REPLICATED,
     Entry,
@@ -73,7 +74,7 @@ class RestoreResult:
 
     step: int
     url: str
-    config: dict[str, Any]
+    config: dict[str, Any] | None
     environment: dict[str, Any]
     drift: DriftReport
     skipped: tuple[tuple[int, str], ...] = ()
@@ -173,7 +174,8 @@ class Checkpointer:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        self.config: dict[str, Any] = dict(config or {})
+        # None means "no config recorded" (not compared on restore); {} is a recorded, empty config.
+        self.config: dict[str, Any] | None = dict(config) if config is not None else None
         try:
             json.dumps(self.config, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -407,8 +409,15 @@ class Checkpointer:
                 )
             return None
         m = loaded.manifest
-        report = compare(m.environment, m.config, collect_environment(world_size=world.size), self.config,
-                         self.drift_policy)
+        report = compare(
+            m.environment,
+            m.config,
+            collect_environment(world_size=world.size),
+            self.config,
+            self.drift_policy,
+            saved_format=m.format_version,
+            current_format=FORMAT_VERSION,
+        )
         report.raise_for_errors()  # before any object is touched
         report.emit(log)
         for name in loaded.absent_rank:
