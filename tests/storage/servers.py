@@ -1,0 +1,194 @@
+"""Real object-store servers on loopback for tests: moto (S3) and gcp-storage-emulator (GCS).
+
+Both run in a thread of the test process on ``127.0.0.1`` with a port chosen by the kernel (bind to
+port 0, read the port back: no free-port race). Each context manager stops its server on exit, also
+when the body raised.
+
+gcsfs >= 2025.x wraps every bucket operation in a gRPC "storage layout" probe (zonal/hierarchical
+bucket detection) that the emulator cannot answer; each probe waits out a ~60 s retry deadline and is
+not cached when it fails. ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (read once, when gcsfs is first
+imported) selects the plain JSON-API ``gcsfs.core.GCSFileSystem`` instead, so this module sets it
+before gcsfs can be imported and re-registers the plain class if gcsfs was imported earlier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+__all__ = [
+    "GCSEndpoint",
+    "S3Endpoint",
+    "fast_retry_s3_options",
+    "gcs_emulator",
+    "gcs_storage_options",
+    "moto_s3_server",
+    "s3_storage_options",
+    "unique_prefix",
+]
+
+# Fake credentials: moto accepts anything; real ones from the environment must never be used.
+_S3_KEY = "testing"
+_S3_SECRET = "testing"
+_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """A running S3-compatible server and a bucket on it.
+
+    Attributes:
+        endpoint_url: ``http://127.0.0.1:PORT``.
+        bucket: Name of a bucket that exists on the server.
+        storage_options: Keyword arguments for ``s3fs.S3FileSystem`` / ``fsspec.filesystem("s3", ...)``.
+    """
+
+    endpoint_url: str
+    bucket: str
+    storage_options: dict[str, Any] = field(hash=False)
+
+    def url(self, *parts: str) -> str:
+        """Return ``s3://<bucket>/<parts...>``."""
+        return "s3://" + "/".join([self.bucket, *parts])
+
+    def filesystem(self, **overrides: Any) -> Any:
+        """A fresh (uncached) ``s3fs.S3FileSystem`` for this endpoint."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **{**self.storage_options, **overrides})
+
+
+@dataclass(frozen=True)
+class GCSEndpoint:
+    """A running GCS emulator and a bucket on it.
+
+    Attributes:
+        endpoint_url: ``http://127.0.0.1:PORT``.
+        bucket: Name of a bucket that exists on the emulator.
+        storage_options: Keyword arguments for ``gcsfs.GCSFileSystem`` / ``fsspec.filesystem("gs", ...)``.
+    """
+
+    endpoint_url: str
+    bucket: str
+    storage_options: dict[str, Any] = field(hash=False)
+
+    def url(self, *parts: str) -> str:
+        """Return ``gs://<bucket>/<parts...>``."""
+        return "gs://" + "/".join([self.bucket, *parts])
+
+    def filesystem(self, **overrides: Any) -> Any:
+        """A fresh (uncached) plain ``gcsfs`` filesystem for this endpoint."""
+        _use_plain_gcsfs()
+        import gcsfs.core
+
+        return gcsfs.core.GCSFileSystem(skip_instance_cache=True, **{**self.storage_options, **overrides})
+
+
+def unique_prefix(name: str = "t") -> str:
+    """A fresh key prefix, so tests sharing one bucket never see each other's objects."""
+    return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+def s3_storage_options(endpoint_url: str) -> dict[str, Any]:
+    """s3fs options for a loopback S3 server with fake credentials and path-style addressing."""
+    return {
+        "endpoint_url": endpoint_url,
+        "key": _S3_KEY,
+        "secret": _S3_SECRET,
+        "client_kwargs": {"region_name": _REGION},
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
+    }
+
+
+def fast_retry_s3_options(
+    endpoint_url: str, *, attempts: int = 4, read_timeout: float = 5.0
+) -> dict[str, Any]:
+    """s3fs options for fault tests: one retry layer (botocore's) with ``attempts`` in total.
+
+    s3fs wraps every call in its own retry loop (``S3FileSystem.retries``, 5 by default) around
+    botocore's (5 attempts in legacy mode), which multiplies to 25 attempts for a persistent
+    connection fault. Here botocore's standard mode does the retrying; s3fs makes one attempt.
+    """
+    opts = s3_storage_options(endpoint_url)
+    opts["config_kwargs"] = {
+        **opts["config_kwargs"],
+        "retries": {"mode": "standard", "total_max_attempts": attempts},
+        "connect_timeout": 2,
+        "read_timeout": read_timeout,
+    }
+    return opts
+
+
+def gcs_storage_options(endpoint_url: str) -> dict[str, Any]:
+    """gcsfs options for the loopback emulator: anonymous, fixed project, custom endpoint."""
+    return {"endpoint_url": endpoint_url, "token": "anon", "project": "resumekit-test"}
+
+
+def _use_plain_gcsfs() -> None:
+    """Make ``gs://`` resolve to the JSON-API gcsfs class even if gcsfs was imported too early."""
+    mod = sys.modules.get("gcsfs")
+    if mod is None:
+        return  # the environment variable set above takes effect on first import
+    import fsspec
+    import gcsfs.core
+
+    if mod.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+        for proto in ("gs", "gcs"):
+            fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
+
+
+@contextmanager
+def moto_s3_server(bucket: str = "resumekit-test") -> Iterator[S3Endpoint]:
+    """Run moto's S3 server on 127.0.0.1 (free port) with ``bucket`` created; stop it on exit.
+
+    Args:
+        bucket: Name of the bucket to create.
+
+    Yields:
+        The endpoint, bucket and s3fs ``storage_options``.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = S3Endpoint(f"http://{host}:{port}", bucket, s3_storage_options(f"http://{host}:{port}"))
+        # create_bucket directly: s3fs.mkdir sends a LocationConstraint that moto rejects for us-east-1.
+        endpoint.filesystem().call_s3("create_bucket", Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@contextmanager
+def gcs_emulator(bucket: str = "resumekit-test") -> Iterator[GCSEndpoint]:
+    """Run gcp-storage-emulator (in memory) on 127.0.0.1 (free port) with ``bucket``; stop it on exit.
+
+    Args:
+        bucket: Name of the bucket to create.
+
+    Yields:
+        The endpoint, bucket and gcsfs ``storage_options``.
+    """
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    _use_plain_gcsfs()
+    server = create_server("127.0.0.1", 0, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:
+        port = server._api._httpd.server_address[1]  # bound to port 0: read back the kernel's choice
+        url = f"http://127.0.0.1:{port}"
+        yield GCSEndpoint(url, bucket, gcs_storage_options(url))
+    finally:
+        server.stop()
