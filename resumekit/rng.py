@@ -1,0 +1,447 @@
+"""Capture and restore every random stream a training process draws from.
+
+:class:`RNGState` records Python's ``random``, NumPy's global state, the torch CPU generator, every CUDA
+device's generator (when CUDA is initialised) and any generator the user registers. The record is plain
+data (tensors, arrays, ints, strings): nothing is pickled.
+
+Invariants:
+
+* Capture only reads: no stream advances because it was saved.
+* Restore validates every part before applying any, so a malformed record leaves all streams untouched.
+* A part that cannot be applied is never skipped silently: a part that does not fit this process (more
+  CUDA devices saved than present, a registered generator missing on one side) draws a warning naming it;
+  a malformed part raises :class:`~resumekit.errors.StateMismatchError` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable, Union
+
+import numpy as np
+import torch
+
+from resumekit.errors import StateMismatchError
+
+__all__ = ["RNGState"]
+
+Generator = Union[torch.Generator, np.random.Generator, np.random.RandomState, random.Random]
+
+_FORMAT = 1
+_MT_WORDS = 624  # Mersenne Twister key length, shared by Python's random and NumPy's RandomState.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class _CudaBackend:
+    """The few CUDA RNG calls :class:`RNGState` needs, behind a seam so tests can substitute a fake.
+
+    ``set_state`` goes through torch's lazy-call path: it does not initialise CUDA (which would create a
+    context on the wrong device before a DDP rank has called ``torch.cuda.set_device``).
+    """
+
+    def initialized(self) -> bool:
+        return torch.cuda.is_initialized()
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def get_all(self) -> list[torch.Tensor]:
+        return list(torch.cuda.get_rng_state_all())
+
+    def state_numel(self, device: int) -> int | None:
+        """Length of a device's state tensor, or ``None`` when unknown without initialising CUDA."""
+        if not torch.cuda.is_initialized():
+            return None
+        return int(torch.cuda.get_rng_state(device).numel())
+
+    def set_state(self, device: int, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state, device)
+
+
+class RNGState:
+    """Every random stream of one process, as a :class:`~resumekit.TrainingState`.
+
+    Put one in the state you checkpoint; the Checkpointer stores one record per rank.
+
+    Example:
+        >>> import resumekit as rk
+        >>> rng = rk.RNGState()
+        >>> saved = rng.state_dict()
+        >>> rng.load_state_dict(saved)
+
+    Args:
+        generators: Extra generators to capture by name (``torch.Generator`` on any device,
+            ``numpy.random.Generator``, ``numpy.random.RandomState``, ``random.Random``). More can be
+            added with :meth:`register`.
+
+    Raises:
+        TypeError: A generator is of an unsupported type.
+    """
+
+    #: Read by the Checkpointer: this state differs per rank and is stored once per rank.
+    resumekit_scope = "rank"
+
+    _cuda: _CudaBackend = _CudaBackend()
+
+    def __init__(self, generators: Mapping[str, Generator] | None = None) -> None:
+        self._generators: dict[str, Generator] = {}
+        for name, gen in (generators or {}).items():
+            self.register(name, gen)
+
+    def register(self, name: str, gen: Generator) -> None:
+        """Capture ``gen`` under ``name`` from now on.
+
+        Args:
+            name: Key of the generator in the record; the same name must be registered before restore.
+            gen: The generator.
+
+        Raises:
+            TypeError: ``name`` is not a string or ``gen`` is of an unsupported type.
+            ValueError: ``name`` is already registered with a different generator.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"RNGState.register: name must be a str, got {type(name).__name__}")
+        if _kind_of(gen) is None:
+            raise TypeError(
+                f"RNGState.register({name!r}): unsupported generator type {type(gen).__name__}; "
+                "expected torch.Generator, numpy.random.Generator, numpy.random.RandomState or random.Random"
+            )
+        if name in self._generators and self._generators[name] is not gen:
+            raise ValueError(f"RNGState.register: a different generator is already registered as {name!r}")
+        self._generators[name] = gen
+
+    @property
+    def generators(self) -> dict[str, Generator]:
+        """The registered generators by name (a copy)."""
+        return dict(self._generators)
+
+    # ----------------------------------------------------------------------------------------- capture
+
+    def state_dict(self) -> dict[str, Any]:
+        """Capture every stream without advancing any of them.
+
+        Returns:
+            ``{"format", "python", "numpy", "torch_cpu", "cuda", "generators"}``; ``cuda`` is the list of
+            per-device states (empty when CUDA is not initialised in this process).
+        """
+        cuda = [s.detach().cpu().clone() for s in self._cuda.get_all()] if self._cuda.initialized() else []
+        return {
+            "format": _FORMAT,
+            "python": _python_state(random.getstate()),
+            "numpy": _numpy_legacy_state(np.random.get_state(legacy=False)),
+            "torch_cpu": torch.get_rng_state(),
+            "cuda": cuda,
+            "generators": {name: _capture(gen) for name, gen in self._generators.items()},
+        }
+
+    # ----------------------------------------------------------------------------------------- restore
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore every stream the record holds and this process has.
+
+        Validates the whole record first, then applies it: on error nothing has changed.
+
+        Args:
+            state_dict: A record from :meth:`state_dict` (possibly after a round trip through storage,
+                which may turn tuples into lists and arrays into tensors).
+
+        Raises:
+            StateMismatchError: A part is missing or malformed (wrong dtype, length or shape, an unknown
+                bit generator, a generator of a different kind under the same name). The message names it.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise StateMismatchError(
+                f"RNGState.load_state_dict: expected a dict from RNGState.state_dict(), got "
+                f"{type(state_dict).__name__}"
+            )
+        for key in ("python", "numpy", "torch_cpu", "generators"):
+            if key not in state_dict:
+                raise StateMismatchError(
+                    f"RNGState record has no {key!r} part (keys: {sorted(state_dict)}); it was not written "
+                    "by RNGState.state_dict(). Restore from a checkpoint that holds an RNGState entry."
+                )
+        apply: list[Callable[[], None]] = []
+        notes: list[str] = []
+
+        py = _check_python("python", state_dict["python"])
+        apply.append(lambda: random.setstate(py))
+        np_state = _check_numpy_legacy("numpy", state_dict["numpy"])
+        apply.append(lambda: np.random.set_state(np_state))
+        cpu = _check_torch_bytes("torch_cpu", state_dict["torch_cpu"], torch.get_rng_state().numel())
+        apply.append(lambda: torch.set_rng_state(cpu))
+        apply.extend(self._plan_cuda(state_dict.get("cuda") or [], notes))
+        apply.extend(self._plan_generators(state_dict["generators"], notes))
+
+        for step in apply:
+            step()
+        for note in notes:
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+
+    def _plan_cuda(self, saved: Any, notes: list[str]) -> list[Callable[[], None]]:
+        if not isinstance(saved, (list, tuple)):
+            raise StateMismatchError(
+                f"RNGState part 'cuda' must be a list of per-device state tensors, got {type(saved).__name__}"
+            )
+        here = self._cuda.device_count()
+        states = []
+        for i, s in enumerate(saved):
+            expected = self._cuda.state_numel(i) if i < here else None
+            states.append(_check_torch_bytes(f"cuda[{i}]", s, expected))
+        if len({int(s.numel()) for s in states}) > 1:
+            raise StateMismatchError(
+                f"RNGState part 'cuda' holds device states of different lengths "
+                f"{[int(s.numel()) for s in states]}; the record is corrupt"
+            )
+        if not states:
+            if self._cuda.initialized():
+                notes.append(
+                    "RNGState: the checkpoint holds no CUDA RNG state (CUDA was not initialised when it was "
+                    f"saved); the {here} CUDA generator(s) here keep their current state, so CUDA random "
+                    "numbers will differ from the original run. Initialise CUDA before saving to capture them."
+                )
+            return []
+        if len(states) > here and here == 0:
+            notes.append(
+                f"RNGState: the checkpoint holds CUDA RNG state for {len(states)} device(s) but this process "
+                "has no CUDA device; those states are ignored, so CUDA random numbers of the original run "
+                "are not reproduced here."
+            )
+        elif len(states) > here:
+            notes.append(
+                f"RNGState: the checkpoint holds CUDA RNG state for {len(states)} device(s) but this process "
+                f"sees {here}; restored devices 0..{here - 1} and ignored the states of devices "
+                f"{here}..{len(states) - 1}, so CUDA random numbers on those devices are not reproduced."
+            )
+        elif len(states) < here:
+            notes.append(
+                f"RNGState: the checkpoint holds CUDA RNG state for {len(states)} device(s) but this process "
+                f"sees {here}; devices {len(states)}..{here - 1} keep their current state."
+            )
+        return [functools.partial(self._cuda.set_state, i, s) for i, s in enumerate(states[:here])]
+
+    def _plan_generators(self, saved: Any, notes: list[str]) -> list[Callable[[], None]]:
+        if not isinstance(saved, Mapping):
+            raise StateMismatchError(
+                f"RNGState part 'generators' must be a dict by name, got {type(saved).__name__}"
+            )
+        plan: list[Callable[[], None]] = []
+        for name, gen in self._generators.items():
+            if name not in saved:
+                notes.append(
+                    f"RNGState: generator {name!r} is registered but the checkpoint has no state for it; it "
+                    "keeps its current state. It was probably registered after the checkpoint was written."
+                )
+                continue
+            plan.append(_plan_restore(f"generators[{name!r}]", gen, saved[name]))
+        for name in saved:
+            if name not in self._generators:
+                notes.append(
+                    f"RNGState: the checkpoint holds state for generator {name!r}, which is not registered "
+                    f"here; it is ignored. Call rng.register({name!r}, gen) before restoring to restore it."
+                )
+        return plan
+
+    def __repr__(self) -> str:
+        return f"RNGState(generators={sorted(self._generators)})"
+
+
+# --------------------------------------------------------------------------------- per-kind encoding
+
+
+def _kind_of(gen: object) -> str | None:
+    if isinstance(gen, torch.Generator):
+        return "torch.Generator"
+    if isinstance(gen, np.random.Generator):
+        return "numpy.random.Generator"
+    if isinstance(gen, np.random.RandomState):
+        return "numpy.random.RandomState"
+    if isinstance(gen, random.Random):
+        return "random.Random"
+    return None
+
+
+def _capture(gen: Generator) -> dict[str, Any]:
+    if isinstance(gen, torch.Generator):
+        return {"kind": "torch.Generator", "device": str(gen.device), "state": gen.get_state()}
+    if isinstance(gen, np.random.Generator):
+        return {"kind": "numpy.random.Generator", "state": _encode_ints(gen.bit_generator.state)}
+    if isinstance(gen, np.random.RandomState):
+        return {"kind": "numpy.random.RandomState", "state": _numpy_legacy_state(gen.get_state(legacy=False))}
+    return {"kind": "random.Random", "state": _python_state(gen.getstate())}
+
+
+def _plan_restore(part: str, gen: Generator, saved: Any) -> Callable[[], None]:
+    if not isinstance(saved, Mapping) or "kind" not in saved or "state" not in saved:
+        raise StateMismatchError(
+            f"RNGState part {part} must be a dict with 'kind' and 'state'; corrupt record"
+        )
+    kind = _kind_of(gen)
+    if saved["kind"] != kind:
+        raise StateMismatchError(
+            f"RNGState part {part} was saved from a {saved['kind']} but a {kind} is registered under that "
+            "name; register the same kind of generator the checkpoint was written with"
+        )
+    state = saved["state"]
+    if isinstance(gen, torch.Generator):
+        tensor = _check_torch_bytes(part, state, gen.get_state().numel())
+        return functools.partial(_set_torch_state, gen, tensor)
+    if isinstance(gen, np.random.Generator):
+        decoded = _check_bit_generator(part, gen, state)
+        return lambda: setattr(gen.bit_generator, "state", decoded)
+    if isinstance(gen, np.random.RandomState):
+        legacy = _check_numpy_legacy(part, state)
+        return lambda: gen.set_state(legacy)
+    if isinstance(gen, random.Random):
+        py = _check_python(part, state)
+        return lambda: gen.setstate(py)
+    raise StateMismatchError(f"RNGState part {part}: unsupported generator {type(gen).__name__}")
+
+
+def _set_torch_state(gen: torch.Generator, state: torch.Tensor) -> None:
+    gen.set_state(state)
+
+
+def _python_state(state: tuple[Any, ...]) -> dict[str, Any]:
+    version, internal, gauss_next = state
+    return {"version": int(version), "mt": np.asarray(internal, dtype=np.uint32), "gauss_next": gauss_next}
+
+
+def _check_python(part: str, saved: Any) -> tuple[Any, ...]:
+    if not isinstance(saved, Mapping) or not {"version", "mt", "gauss_next"} <= set(saved):
+        raise StateMismatchError(
+            f"RNGState part {part!r} must be a dict with 'version', 'mt' and 'gauss_next'; corrupt record"
+        )
+    mt = _as_array(part, saved["mt"])
+    if mt.shape != (_MT_WORDS + 1,):
+        raise StateMismatchError(
+            f"RNGState part {part!r}: Mersenne Twister state has shape {tuple(mt.shape)}, expected "
+            f"({_MT_WORDS + 1},); corrupt record"
+        )
+    if int(mt[-1]) > _MT_WORDS or np.any(mt < 0) or np.any(mt >= 2**32):
+        raise StateMismatchError(
+            f"RNGState part {part!r}: Mersenne Twister words out of range; corrupt record"
+        )
+    gauss = saved["gauss_next"]
+    if gauss is not None and not isinstance(gauss, (int, float, np.floating)):
+        raise StateMismatchError(f"RNGState part {part!r}: gauss_next must be a float or None")
+    return (int(saved["version"]), tuple(int(w) for w in mt), None if gauss is None else float(gauss))
+
+
+def _numpy_legacy_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "bit_generator": str(state["bit_generator"]),
+        "key": np.asarray(state["state"]["key"], dtype=np.uint32).copy(),
+        "pos": int(state["state"]["pos"]),
+        "has_gauss": int(state["has_gauss"]),
+        "gauss": float(state["gauss"]),
+    }
+
+
+def _check_numpy_legacy(part: str, saved: Any) -> dict[str, Any]:
+    needed = {"bit_generator", "key", "pos", "has_gauss", "gauss"}
+    if not isinstance(saved, Mapping) or not needed <= set(saved):
+        raise StateMismatchError(
+            f"RNGState part {part!r} must be a dict with keys {sorted(needed)}; corrupt record"
+        )
+    if saved["bit_generator"] != "MT19937":
+        raise StateMismatchError(
+            f"RNGState part {part!r}: bit generator {saved['bit_generator']!r}, expected 'MT19937'"
+        )
+    key = _as_array(part, saved["key"])
+    if key.shape != (_MT_WORDS,):
+        raise StateMismatchError(
+            f"RNGState part {part!r}: MT19937 key has shape {tuple(key.shape)}, expected ({_MT_WORDS},); "
+            "corrupt record"
+        )
+    if np.any(key < 0) or np.any(key >= 2**32):
+        raise StateMismatchError(f"RNGState part {part!r}: MT19937 key words out of range; corrupt record")
+    pos = int(saved["pos"])
+    if not 0 <= pos <= _MT_WORDS:
+        raise StateMismatchError(f"RNGState part {part!r}: position {pos} outside 0..{_MT_WORDS}")
+    return {
+        "bit_generator": "MT19937",
+        "state": {"key": key.astype(np.uint32), "pos": pos},
+        "has_gauss": int(saved["has_gauss"]),
+        "gauss": float(saved["gauss"]),
+    }
+
+
+def _check_bit_generator(part: str, gen: np.random.Generator, saved: Any) -> dict[str, Any]:
+    current = gen.bit_generator.state
+    if not isinstance(saved, Mapping) or saved.get("bit_generator") != current["bit_generator"]:
+        got = saved.get("bit_generator") if isinstance(saved, Mapping) else type(saved).__name__
+        raise StateMismatchError(
+            f"RNGState part {part}: saved bit generator {got!r}, but the registered numpy Generator uses "
+            f"{current['bit_generator']!r}; create it with the same bit generator"
+        )
+    decoded = _decode_ints(saved)
+    # Validate by applying to a scratch bit generator: numpy checks structure and value ranges itself.
+    scratch = type(gen.bit_generator)()
+    try:
+        scratch.state = decoded
+    except (TypeError, ValueError, KeyError) as exc:
+        raise StateMismatchError(
+            f"RNGState part {part}: numpy rejects the saved state ({exc}); corrupt record"
+        ) from exc
+    return decoded
+
+
+def _check_torch_bytes(part: str, saved: Any, expected_numel: int | None) -> torch.Tensor:
+    if isinstance(saved, np.ndarray):
+        saved = torch.from_numpy(saved.copy())
+    if not isinstance(saved, torch.Tensor):
+        raise StateMismatchError(
+            f"RNGState part {part!r} must be a uint8 tensor, got {type(saved).__name__}; corrupt record"
+        )
+    if saved.dtype != torch.uint8 or saved.dim() != 1:
+        raise StateMismatchError(
+            f"RNGState part {part!r} must be a 1-D uint8 tensor, got dtype {saved.dtype} with shape "
+            f"{tuple(saved.shape)}; corrupt record"
+        )
+    if expected_numel is not None and saved.numel() != expected_numel:
+        raise StateMismatchError(
+            f"RNGState part {part!r} holds {saved.numel()} bytes but this torch's generator state has "
+            f"{expected_numel}; the record is corrupt or from an incompatible torch build"
+        )
+    return saved.detach().cpu().contiguous().clone()
+
+
+def _as_array(part: str, value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise StateMismatchError(f"RNGState part {part!r}: not an array ({exc}); corrupt record") from exc
+    if arr.dtype.kind not in "iu":
+        raise StateMismatchError(f"RNGState part {part!r}: expected integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+# Bit-generator states (PCG64, Philox, ...) hold 128-bit ints, which storage formats keyed on int64 cannot
+# hold; they are written as decimal strings. No numpy bit-generator state holds a digit-only string.
+def _encode_ints(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _encode_ints(v) for k, v in value.items()}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and not _INT64_MIN <= int(value) <= _INT64_MAX:
+        return str(int(value))
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
+def _decode_ints(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _decode_ints(v) for k, v in value.items()}
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, list):
+        return np.asarray(value)
+    return value

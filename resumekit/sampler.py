@@ -1,0 +1,411 @@
+"""A sampler whose position is part of the checkpoint, counted in global samples.
+
+The order of an epoch is a pure function of ``(seed, epoch, dataset length)``: the same torch.randperm a
+``DistributedSampler`` draws. The position is the number of samples of that order the training loop has
+consumed, summed over ranks, so resuming recomputes the order and slices it: cost independent of the
+position, and no sample is read to skip ahead.
+
+Partitioning. An epoch is a sequence of *partitions*. A partition starts at a global position ``start``
+(0 at the start of the epoch) and splits the not yet seen part of the order, ``order[start:]``, among the
+current ``num_replicas`` ranks exactly like ``DistributedSampler``: padded by repeating from its own start
+so every rank gets the same count, or with its tail dropped when ``drop_last``; rank ``r`` takes every
+``num_replicas``-th element from offset ``r``. A resume with the same world size continues the same
+partition; a resume with a different world size starts a new partition at the saved position, so every
+sample the epoch has not yet seen is visited exactly once across the new ranks (plus padding).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from resumekit.errors import StateMismatchError
+
+__all__ = [
+    "ResumableSampler",
+    "epoch_order",
+    "partition_indices",
+    "per_rank_count",
+]
+
+_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------- pure functions
+
+
+def epoch_order(seed: int, epoch: int, length: int, shuffle: bool) -> torch.Tensor:
+    """The order of one epoch: what ``DistributedSampler`` shuffles before padding and splitting.
+
+    Args:
+        seed: The sampler's seed.
+        epoch: The epoch number.
+        length: The dataset length.
+        shuffle: ``False`` gives ``0..length-1``.
+
+    Returns:
+        A 1-D int64 tensor, a permutation of ``range(length)``.
+    """
+    if not shuffle:
+        return torch.arange(length, dtype=torch.int64)
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(length, generator=g)
+
+
+def per_rank_count(remaining: int, num_replicas: int, drop_last: bool) -> int:
+    """How many samples each rank takes when ``remaining`` samples are split among ``num_replicas`` ranks.
+
+    Args:
+        remaining: Samples not yet seen in the epoch.
+        num_replicas: Number of ranks.
+        drop_last: Drop the tail that does not divide evenly instead of padding.
+
+    Returns:
+        ``remaining // num_replicas`` with ``drop_last``, else ``ceil(remaining / num_replicas)``.
+    """
+    if drop_last:
+        return remaining // num_replicas
+    return math.ceil(remaining / num_replicas)
+
+
+def partition_indices(
+    order: torch.Tensor,
+    start: int,
+    num_replicas: int,
+    rank: int,
+    drop_last: bool,
+    skip: int = 0,
+) -> list[int]:
+    """The indices one rank yields for the partition of ``order`` that begins at ``start``.
+
+    Args:
+        order: The epoch order (see :func:`epoch_order`).
+        start: Global position where the partition begins; ``order[start:]`` is what it splits.
+        num_replicas: Number of ranks sharing the partition.
+        rank: This rank.
+        drop_last: Drop the uneven tail instead of padding by repeating from the partition's start.
+        skip: Samples this rank already consumed in the partition.
+
+    Returns:
+        This rank's remaining indices, in order.
+    """
+    remaining = order[start:] if start < len(order) else order[:0]
+    count = per_rank_count(len(remaining), num_replicas, drop_last)
+    total = count * num_replicas
+    if total > len(remaining):
+        # Padding repeats the partition's own head, as many times as needed (DistributedSampler's rule).
+        reps = math.ceil(total / len(remaining))
+        remaining = remaining.repeat(reps)
+    segment = remaining[:total]
+    first = rank + skip * num_replicas
+    return segment[first:total:num_replicas].tolist()
+
+
+# ----------------------------------------------------------------------------------------- the sampler
+
+
+class _TaggedIndex(int):
+    """A dataset index that carries the ``(seed, epoch)`` of the epoch it belongs to.
+
+    :class:`~resumekit.ResumableLoader` makes the sampler yield these so that the code fetching a sample
+    in a worker process, which may live across epochs (``persistent_workers``), knows which epoch it
+    serves. It unwraps to a plain ``int`` before the user's dataset sees it.
+    """
+
+    seed: int
+    epoch: int
+
+    def __new__(cls, value: int, seed: int, epoch: int) -> _TaggedIndex:
+        obj = super().__new__(cls, value)
+        obj.seed = seed
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self) -> tuple[Any, tuple[int, int, int]]:
+        return (_TaggedIndex, (int(self), self.seed, self.epoch))
+
+
+class ResumableSampler(Sampler[int]):
+    """A drop-in for ``RandomSampler``, ``SequentialSampler`` and ``DistributedSampler`` that resumes exactly.
+
+    With ``num_replicas=W`` and rank ``r`` it yields exactly what
+    ``DistributedSampler(dataset, W, r, shuffle, seed, drop_last)`` yields for the same epoch; with
+    ``shuffle=False`` and one replica, what ``SequentialSampler`` yields. Its state (seed, epoch, global
+    position in the epoch, dataset length, world size, shuffle, drop_last) goes into the checkpoint.
+
+    The position advances as samples are consumed: by default as this sampler yields them (exact for a
+    plain loop and for a ``DataLoader`` with ``num_workers=0``); when the sampler sits in a
+    :class:`~resumekit.ResumableLoader`, only when the training loop receives a batch, so batches
+    prefetched by worker processes are not counted.
+
+    Epochs: :meth:`set_epoch` on the epoch in progress keeps its position (the natural loop calls it right
+    after a restore); another epoch starts at position 0. Iterating again after an epoch was finished,
+    without ``set_epoch``, starts the next epoch (a fresh order, like ``RandomSampler``).
+
+    Args:
+        dataset: A sized (map-style) dataset.
+        num_replicas: Number of ranks; defaults to the torch.distributed world size when initialised, else 1.
+        rank: This rank; defaults to the torch.distributed rank when initialised, else 0.
+        shuffle: Shuffle the order each epoch.
+        seed: Seed of the order; identical on every rank.
+        drop_last: Drop the tail that does not split evenly among ranks instead of padding.
+
+    Raises:
+        ValueError: ``num_replicas`` or ``rank`` is out of range.
+        TypeError: ``dataset`` has no ``__len__``.
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"ResumableSampler needs a dataset with __len__ (map-style), got {type(dataset).__name__}"
+            )
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        if num_replicas < 1:
+            raise ValueError(f"ResumableSampler: num_replicas must be >= 1, got {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"ResumableSampler: rank {rank} outside 0..{num_replicas - 1}")
+        self.dataset = dataset
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        # Global samples of this epoch's order consumed so far, padding included.
+        self._consumed = 0
+        # Global position where the current partition began; (consumed - start) % num_replicas == 0.
+        self._start = 0
+        # The epoch was finished in this process: the next iteration without set_epoch starts a new one.
+        self._finished = False
+        # Set by ResumableLoader: it advances the position when the loop receives a batch.
+        self._external_count = False
+        self._tag_indices = False
+        # Position len() reports from; fixed at set_epoch, load_state_dict and the start of an iteration.
+        self._view = 0
+
+    # --------------------------------------------------------------------------------- geometry
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's sample count for a full epoch at the current world size (as ``DistributedSampler``)."""
+        return per_rank_count(len(self.dataset), self.num_replicas, self.drop_last)
+
+    @property
+    def total_size(self) -> int:
+        """Global sample count of a full epoch, padding included (as ``DistributedSampler``)."""
+        return self.num_samples * self.num_replicas
+
+    @property
+    def consumed(self) -> int:
+        """Global samples of the current epoch consumed so far (padding included)."""
+        return self._consumed
+
+    def _partition_count(self) -> int:
+        remaining = max(0, len(self.dataset) - self._start)
+        return per_rank_count(remaining, self.num_replicas, self.drop_last)
+
+    def _local_done(self, position: int) -> int:
+        return (position - self._start) // self.num_replicas
+
+    def remaining(self) -> int:
+        """Samples this rank has still to consume in the current epoch."""
+        return max(0, self._partition_count() - self._local_done(self._consumed))
+
+    def _at_end(self) -> bool:
+        return self.remaining() == 0
+
+    # --------------------------------------------------------------------------------- epochs
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields.
+
+        The epoch in progress (for instance the one just restored) keeps its position; any other epoch,
+        or the same epoch once it was finished in this process, starts at position 0.
+
+        Args:
+            epoch: The epoch number.
+        """
+        epoch = int(epoch)
+        if epoch != self.epoch or self._finished:
+            self.epoch = epoch
+            self._consumed = 0
+            self._start = 0
+        self._finished = False
+        self._view = self._consumed
+
+    def _roll_over_if_finished(self) -> None:
+        if self._finished and self._at_end():
+            self.set_epoch(self.epoch + 1)
+
+    def _mark_finished(self) -> None:
+        self._finished = True
+
+    # --------------------------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[int]:
+        self._roll_over_if_finished()
+        self._view = self._consumed
+        order = epoch_order(self.seed, self.epoch, len(self.dataset), self.shuffle)
+        indices = partition_indices(
+            order, self._start, self.num_replicas, self.rank, self.drop_last, self._local_done(self._consumed)
+        )
+        return self._yield(indices)
+
+    def _yield(self, indices: list[int]) -> Iterator[int]:
+        seed, epoch = self.seed, self.epoch
+        tag, count = self._tag_indices, not self._external_count
+        for i in indices:
+            if count:
+                self._consumed += self.num_replicas
+            yield _TaggedIndex(i, seed, epoch) if tag else i
+        if count:
+            self._finished = True
+
+    def _advance(self, local_samples: int) -> None:
+        """Record that the loop consumed ``local_samples`` samples on this rank (and as many on each other)."""
+        self._consumed += local_samples * self.num_replicas
+        if self._at_end():
+            self._finished = True
+
+    def __len__(self) -> int:
+        """This rank's count for the next or current iteration: after a mid-epoch resume, what remains."""
+        if self._finished and self._at_end():
+            return self.num_samples
+        return max(0, self._partition_count() - self._local_done(self._view))
+
+    # --------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position and everything the epoch's order depends on.
+
+        Returns:
+            ``{"format", "seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas",
+            "shuffle", "drop_last"}``; ``consumed`` and ``partition_start`` count global samples.
+        """
+        return {
+            "format": _FORMAT,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "consumed": self._consumed,
+            "partition_start": self._start,
+            "dataset_length": len(self.dataset),
+            "num_replicas": self.num_replicas,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved epoch at the saved position.
+
+        The checkpoint's ``seed``, ``shuffle`` and ``drop_last`` replace the constructor's (they define the
+        order of the epoch in progress); a difference draws a warning. A different world size starts a new
+        partition at the saved position.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+
+        Raises:
+            StateMismatchError: The record is malformed, or the dataset length changed while the epoch was
+                in progress (position > 0).
+        """
+        s = _validated(state_dict)
+        length = len(self.dataset)
+        saved_length = s["dataset_length"]
+        if length != saved_length and s["consumed"] > 0:
+            if s["consumed"] > length:
+                problem = f"the saved position {s['consumed']} lies beyond the end of the new dataset"
+            else:
+                problem = "the saved position cannot be mapped onto a different dataset's order"
+            raise StateMismatchError(
+                f"ResumableSampler: the checkpoint is at global sample {s['consumed']} of epoch {s['epoch']} "
+                f"of a dataset of length {saved_length}, but the dataset now has length {length}; {problem}. "
+                f"Fix: restore with the dataset the checkpoint was written with (length {saved_length}), or "
+                f"leave the sampler out of the restore and call sampler.set_epoch({s['epoch'] + 1}) to "
+                "start the next epoch on the new data."
+            )
+        for key in ("seed", "shuffle", "drop_last"):
+            if getattr(self, key) != s[key]:
+                warnings.warn(
+                    f"ResumableSampler: {key}={getattr(self, key)!r} was passed but the checkpoint was "
+                    f"written with {key}={s[key]!r}; the checkpoint's value is used so the epoch in "
+                    "progress continues exactly.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        self.seed, self.shuffle, self.drop_last = s["seed"], s["shuffle"], s["drop_last"]
+        self.epoch = s["epoch"]
+        self._consumed = s["consumed"]
+        # Same world size: continue the saved partition. Otherwise the unseen rest is split afresh.
+        self._start = s["partition_start"] if s["num_replicas"] == self.num_replicas else s["consumed"]
+        self._finished = False
+        self._view = self._consumed
+
+    def __repr__(self) -> str:
+        return (
+            f"ResumableSampler(len={len(self.dataset)}, num_replicas={self.num_replicas}, rank={self.rank}, "
+            f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, epoch={self.epoch}, "
+            f"consumed={self._consumed})"
+        )
+
+
+def _validated(state_dict: Any) -> dict[str, Any]:
+    """Check a saved sampler record's keys, types and invariants; return it with plain Python values."""
+    if not isinstance(state_dict, Mapping):
+        raise StateMismatchError(
+            f"ResumableSampler.load_state_dict: expected a dict, got {type(state_dict).__name__}"
+        )
+    ints = ("seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas")
+    bools = ("shuffle", "drop_last")
+    out: dict[str, Any] = {}
+    for key in (*ints, *bools):
+        if key not in state_dict:
+            raise StateMismatchError(
+                f"ResumableSampler record has no {key!r} (keys: {sorted(state_dict)}); it was not written by "
+                "ResumableSampler.state_dict()"
+            )
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if hasattr(value, "item") and not isinstance(value, (int, bool)):
+            value = value.item()  # numpy scalars after a round trip through storage
+        if key in bools:
+            if not isinstance(value, (bool, int)):
+                raise StateMismatchError(f"ResumableSampler record: {key!r} must be a bool, got {value!r}")
+            out[key] = bool(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise StateMismatchError(f"ResumableSampler record: {key!r} must be an int, got {value!r}")
+            out[key] = int(value)
+    if out["num_replicas"] < 1 or out["dataset_length"] < 0:
+        raise StateMismatchError(
+            f"ResumableSampler record: num_replicas={out['num_replicas']} or dataset_length="
+            f"{out['dataset_length']} is out of range; corrupt record"
+        )
+    start, consumed, w = out["partition_start"], out["consumed"], out["num_replicas"]
+    count = per_rank_count(max(0, out["dataset_length"] - start), w, out["drop_last"])
+    if not 0 <= start <= consumed or (consumed - start) % w or consumed > start + count * w:
+        raise StateMismatchError(
+            f"ResumableSampler record: position {consumed} does not lie on a step of {w} samples inside the "
+            f"partition starting at {start} (length {out['dataset_length']}); corrupt record"
+        )
+    return out
