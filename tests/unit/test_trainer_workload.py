@@ -348,3 +348,24 @@ def test_docs_example_runs() -> None:
     assert blocks, f"{DOCS} has no python code block"
     namespace: dict[str, object] = {"__name__": "docs_example"}
     exec(compile(blocks[0], str(DOCS), "exec"), namespace)
+
+
+@pytest.mark.parametrize("metric", ["unifrac", "braycurtis"])
+def test_loss_runs_under_deterministic_algorithms_bit_for_bit(metric: str) -> None:
+    ds = SyntheticProfiles(48, 32, seed=0)
+    target = target_distance(metric, tree=ds.tree)  # type: ignore[arg-type]
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = ProfileEncoder(32, hidden_dims=(16,), embedding_dim=4)
+        pairwise_loss(model(ds.profiles), ds.profiles, target).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # raises inside any op without a deterministic kernel
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert len(first) == 6
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
