@@ -131,7 +131,9 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
         return {_TAG: "ndarray", "key": table.add(torch.from_numpy(np.ascontiguousarray(obj)), path)}
     if isinstance(obj, np.generic):
         if obj.dtype.hasobject or obj.dtype.kind in "USVO":
-            raise UnsupportedValueError(f"state value at '{path}' is a NumPy {obj.dtype} scalar; not storable.")
+            raise UnsupportedValueError(
+                f"state value at '{path}' is a NumPy {obj.dtype} scalar; not storable."
+            )
         return {_TAG: "npscalar", "dtype": obj.dtype.str, "hex": obj.tobytes().hex()}
     if t is bytes:
         return {_TAG: "bytes", "b64": base64.b64encode(obj).decode("ascii")}
@@ -231,16 +233,18 @@ def _decode_tagged(
             raise CheckpointCorruptError(f"NumPy scalar of dtype {dt} at '{path}' is not allowed")
         raw = bytes.fromhex(_str(skel["hex"]))
         if len(raw) != dt.itemsize:
-            raise CheckpointCorruptError(f"NumPy scalar at '{path}' has {len(raw)} bytes, expected {dt.itemsize}")
+            raise CheckpointCorruptError(
+                f"NumPy scalar at '{path}' has {len(raw)} bytes, expected {dt.itemsize}"
+            )
         return np.frombuffer(raw, dtype=dt)[0]
     if tag == "bytes":
         return base64.b64decode(_str(skel["b64"]), validate=True)
     if tag == "dtype":
         name = _str(skel["v"])
-        dt = getattr(torch, name, None) if _DTYPE_RE.match(name) else None
-        if not isinstance(dt, torch.dtype):
+        tdt = getattr(torch, name, None) if _DTYPE_RE.match(name) else None
+        if not isinstance(tdt, torch.dtype):
             raise CheckpointCorruptError(f"unknown torch dtype {name!r} at '{path}'")
-        return dt
+        return tdt
     if tag == "device":
         return torch.device(_str(skel["v"]))
     if tag == "size":
@@ -273,4 +277,3 @@ def _list(v: Any) -> list[Any]:
     if not isinstance(v, list):
         raise TypeError(f"expected a list, got {type(v).__name__}")
     return v
-

@@ -48,7 +48,9 @@ _ST_NAMES: dict[str, str] = {
     "complex64": "C64",
 }
 DTYPE_TO_ST: dict[torch.dtype, str] = {
-    getattr(torch, name): st for name, st in _ST_NAMES.items() if isinstance(getattr(torch, name, None), torch.dtype)
+    getattr(torch, name): st
+    for name, st in _ST_NAMES.items()
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 ST_TO_DTYPE: dict[str, torch.dtype] = {st: dt for dt, st in DTYPE_TO_ST.items()}
 
@@ -88,7 +90,11 @@ def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_TO_ST[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -117,7 +123,7 @@ def write_tensors(
         n = flat.numel()
         if n == 0:
             continue
-        arr = flat.numpy()
+        arr: Any = flat.numpy()
         for i in range(0, n, _CHUNK):
             chunk = arr[i : i + _CHUNK]
             fileobj.write(memoryview(chunk))
@@ -160,10 +166,14 @@ def parse_header(buf: bytes | bytearray | memoryview, where: str) -> tuple[dict[
     expected = 0
     for name, spec in sorted(specs.items(), key=lambda kv: kv[1].begin):
         if spec.begin != expected:
-            raise CheckpointCorruptError(f"{where}: tensor '{name}' starts at {spec.begin}, expected {expected}")
+            raise CheckpointCorruptError(
+                f"{where}: tensor '{name}' starts at {spec.begin}, expected {expected}"
+            )
         expected = spec.end
     if expected != data_len:
-        raise CheckpointCorruptError(f"{where}: tensors cover {expected} data bytes but the file has {data_len}")
+        raise CheckpointCorruptError(
+            f"{where}: tensors cover {expected} data bytes but the file has {data_len}"
+        )
     return specs, data_start
 
 
@@ -177,7 +187,9 @@ def _spec(name: str, info: Any, data_len: int, where: str) -> TensorSpec:
     offsets = info.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+    ):
         raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}")
     numel = 1
     for d in shape:
@@ -210,5 +222,7 @@ def tensors_from_buffer(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
             raw = bytearray(buf[offset : offset + spec.end - spec.begin])
             out[name] = torch.frombuffer(raw, dtype=spec.dtype).reshape(spec.shape)
         else:
-            out[name] = torch.frombuffer(buf, dtype=spec.dtype, count=numel, offset=offset).reshape(spec.shape)
+            out[name] = torch.frombuffer(buf, dtype=spec.dtype, count=numel, offset=offset).reshape(
+                spec.shape
+            )
     return out

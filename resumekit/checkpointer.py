@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -16,6 +18,7 @@ import crc32c
 import torch
 
 from . import _retention
+from ._async import BackgroundSave, StagingPool
 from ._codec import TensorTable, decode, encode
 from ._dist import World, current_world
 from ._env import collect_environment, resumekit_version
@@ -91,6 +94,18 @@ class _Item:
 
 
 @dataclass
+class _Snapshot:
+    """One save's state, captured: encoded skeletons and the tensors to write."""
+
+    step: int
+    writer: str
+    world: World
+    items: list[_Item]
+    t0: float
+    encoded: list[tuple[_Item, bytes, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
+@dataclass
 class _Loaded:
     manifest: Manifest
     values: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +130,11 @@ def _items(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[_Item]:
                 f"state entry '{name}' is a {type(obj).__name__}, which has no state_dict()/load_state_dict(). "
                 "Pass an object with both methods, or a dict (restored in place)."
             )
-        scope = SCOPE_RANK if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank" else SCOPE_REPLICATED
+        scope = (
+            SCOPE_RANK
+            if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank"
+            else SCOPE_REPLICATED
+        )
         last = bool(getattr(obj, "resumekit_restore_last", False))
         items.append(_Item(name, obj, scope, kind, last))
     # Invariant: RNG state is captured before any other state_dict() and restored after any other
@@ -190,6 +209,10 @@ class Checkpointer:
         self._group = process_group
         self._storage: Storage = open_storage(url, storage_options)
         self.url = self._storage.url
+        self._staging = StagingPool()
+        self._inflight: BackgroundSave | None = None
+        self._async_world: World | None = None
+        self._atexit_registered = False
 
     # -- discovery ----------------------------------------------------------------------------------
 
@@ -211,21 +234,78 @@ class Checkpointer:
 
         Under torch.distributed every rank of the group must call this together. Entries identical
         across ranks are written once by rank 0; per-rank entries by each rank; the manifest only
-        after every rank's files are durable.
+        after every rank's files are durable. Tensors stream from their own memory to storage: no
+        second copy of the state is made (CUDA tensors pass through host memory one at a time).
 
         Args:
             state: entry name -> object with ``state_dict()``/``load_state_dict()`` (or a plain dict).
             step: the step number (a non-negative int); an existing step is never overwritten.
+
+        Returns:
+            What was committed.
 
         Raises:
             StepExistsError: the step is already committed.
             StorageError: an I/O failure (errno kept); nothing became visible.
             UnsupportedValueError: a state value cannot be stored without pickle.
         """
+        self.wait()
+        snap = self._snapshot(state, step, current_world(self._group), None)
+        return self._write(snap)
+
+    def save_async(self, state: Mapping[str, Any], *, step: int) -> None:
+        """Start saving ``state`` as checkpoint ``step`` in the background, and return.
+
+        The call blocks only while tensors are copied into host staging buffers (reused across saves,
+        pinned for CUDA tensors); the checkpoint holds the values at the moment of the call, so training
+        may change the parameters as soon as this returns. A background thread then serialises,
+        checksums and commits exactly as :meth:`save` does.
+
+        At most one save is in flight: a second call (or :meth:`save`, :meth:`restore`) first waits for
+        the previous one. An error of a background save is raised by the next ``save``/``save_async``,
+        :meth:`wait` or :meth:`close` — never lost. At interpreter exit an in-flight save is finished; a
+        process killed mid-save leaves it invisible (the commit protocol). Staging needs host memory
+        equal to the state's tensors.
+
+        Under torch.distributed every rank must call this together; the background thread talks over a
+        separate gloo group created on the first call, so it never interleaves with training collectives.
+        """
+        self.wait()
+        world = current_world(self._group)
+        if world.distributed and self._async_world is None:
+            import torch.distributed as dist
+
+            self._async_world = World(world.rank, world.size, dist.new_group(backend="gloo"))
+        snap = self._snapshot(state, step, world, self._staging)
+        if self._async_world is not None:
+            snap.world = self._async_world
+        self._inflight = BackgroundSave(lambda: self._write(snap))
+        if not self._atexit_registered:
+            atexit.register(self._finish_at_exit)
+            self._atexit_registered = True
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for the in-flight :meth:`save_async`, if any; return what it committed.
+
+        Raises:
+            Whatever the background save raised (StorageError, StepExistsError, ...).
+        """
+        inflight, self._inflight = self._inflight, None
+        return inflight.result() if inflight is not None else None
+
+    def _finish_at_exit(self) -> None:
+        if self._inflight is not None:
+            try:
+                self.wait()
+            except Exception as exc:
+                print(f"resumekit: the background save did not commit: {exc}", file=sys.stderr)
+
+    def _snapshot(
+        self, state: Mapping[str, Any], step: int, world: World, pool: StagingPool | None
+    ) -> _Snapshot:
         t0 = time.perf_counter()
         step = _check_step(step)
         items = _items(state, self.per_rank)
-        world = current_world(self._group)
         plan = world.broadcast_json(
             {"exists": self._storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
             if world.rank == 0
@@ -236,12 +316,41 @@ class Checkpointer:
                 f"step {step} already exists in '{self.url}'; checkpoints are never overwritten. Save under a "
                 "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
             )
+        snap = _Snapshot(step, plan["writer"], world, items, t0)
+        try:
+            # Items are ordered RNG first: its state is captured before any other state_dict() runs.
+            for it in items:
+                if it.scope == SCOPE_REPLICATED and world.rank != 0:
+                    continue
+                raw_state = it.obj.state_dict() if it.kind == "state" else dict(it.obj)
+                table = TensorTable()
+                skeleton = json.dumps(encode(raw_state, table), allow_nan=False).encode("utf-8")
+                tensors = pool.copy(it.name, table.tensors) if pool is not None else table.tensors
+                snap.encoded.append((it, skeleton, tensors))
+        except Exception as exc:
+            error = exc
+        else:
+            error = None
+        # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
+        # forever in a collective of _write).
+        failed = [(r, e) for r, e in enumerate(world.all_gather_json(_describe(error))) if e]
+        if failed:
+            if error is not None:
+                raise error
+            raise StorageError(
+                f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
+                "Nothing was written; earlier checkpoints are intact."
+            )
+        return snap
+
+    def _write(self, snap: _Snapshot) -> CheckpointInfo:
+        world, step = snap.world, snap.step
         stage: Stage | None = None
         files: dict[str, FileRecord] = {}
         local_exc: BaseException | None = None
         try:
-            stage = self._storage.stage(step, plan["writer"])
-            files = self._write_entries(stage, items, world)
+            stage = self._storage.stage(step, snap.writer)
+            files = self._write_files(stage, snap, world)
         except Exception as exc:
             local_exc = exc
         reports = world.all_gather_json(
@@ -260,7 +369,7 @@ class Checkpointer:
         commit_error = None
         if world.rank == 0 and stage is not None:
             all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r["files"].items()}
-            manifest = self._manifest(step, plan["writer"], stage.data_prefix, items, all_files, world)
+            manifest = self._manifest(step, snap.writer, stage.data_prefix, snap.items, all_files, world)
             try:
                 stage.commit(manifest.to_json())
             except Exception as exc:
@@ -275,24 +384,20 @@ class Checkpointer:
         if world.rank == 0:
             self._retain()
         nbytes = sum(size for r in reports for size, _ in r["files"].values())
-        return CheckpointInfo(step, f"{self.url}/{step_dir(step)}", nbytes, time.perf_counter() - t0)
+        return CheckpointInfo(step, f"{self.url}/{step_dir(step)}", nbytes, time.perf_counter() - snap.t0)
 
-    def _write_entries(self, stage: Stage, items: list[_Item], world: World) -> dict[str, FileRecord]:
+    def _write_files(self, stage: Stage, snap: _Snapshot, world: World) -> dict[str, FileRecord]:
         files: dict[str, FileRecord] = {}
-        for it in items:
-            if it.scope == SCOPE_REPLICATED and world.rank != 0:
-                continue
-            raw_state = it.obj.state_dict() if it.kind == "state" else dict(it.obj)
-            table = TensorTable()
-            skeleton = encode(raw_state, table)
-            json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(table.tensors))
-            body = json.dumps(skeleton, allow_nan=False).encode("utf-8")
+        for it, skeleton, tensors in snap.encoded:
+            json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(tensors))
             with stage.open_write(stage.data_prefix + json_name) as f:
-                f.write(body)
-            files[stage.data_prefix + json_name] = FileRecord(len(body), _crc_hex(crc32c.crc32c(body)))
+                f.write(skeleton)
+            files[stage.data_prefix + json_name] = FileRecord(
+                len(skeleton), _crc_hex(crc32c.crc32c(skeleton))
+            )
             if st_name is not None:
                 with stage.open_write(stage.data_prefix + st_name) as f:
-                    size, crc = write_tensors(f, table.tensors)
+                    size, crc = write_tensors(f, tensors)
                 files[stage.data_prefix + st_name] = FileRecord(size, _crc_hex(crc))
         return files
 
@@ -337,12 +442,16 @@ class Checkpointer:
                     self._storage.delete_step(s)
             self._storage.cleanup(self.orphan_grace_seconds)
         except Exception as exc:  # the new checkpoint is committed; a failed clean-up must not hide that
-            warnings.warn(f"resumekit: retention in '{self.url}' failed ({exc}); will retry after the next save",
-                          stacklevel=3)
+            warnings.warn(
+                f"resumekit: retention in '{self.url}' failed ({exc}); will retry after the next save",
+                stacklevel=3,
+            )
 
     # -- restore ------------------------------------------------------------------------------------
 
-    def restore(self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True) -> RestoreResult | None:
+    def restore(
+        self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True
+    ) -> RestoreResult | None:
         """Load the newest checkpoint that verifies (or ``step``) into ``state``, in place.
 
         Every file is read once and checked against the manifest's size and crc32c before any object is
@@ -365,9 +474,12 @@ class Checkpointer:
             DriftError: the drift policy rates a change as an error (nothing was loaded).
             StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``).
         """
+        self.wait()
         items = _items(state, self.per_rank)
         world = current_world(self._group)
-        candidates: list[int] = world.broadcast_json(self._storage.step_candidates() if world.rank == 0 else None)
+        candidates: list[int] = world.broadcast_json(
+            self._storage.step_candidates() if world.rank == 0 else None
+        )
         if step is not None:
             _check_step(step)
             if step not in candidates or self._storage.read_manifest(step) is None:
@@ -393,7 +505,9 @@ class Checkpointer:
                 break
             why = "; ".join(bad)
             if step is not None:
-                raise CheckpointCorruptError(f"checkpoint step {s} in '{self.url}' failed verification: {why}")
+                raise CheckpointCorruptError(
+                    f"checkpoint step {s} in '{self.url}' failed verification: {why}"
+                )
             warnings.warn(
                 f"resumekit: checkpoint step {s} in '{self.url}' failed verification and is skipped: {why}. "
                 "Falling back to the previous checkpoint.",
@@ -435,7 +549,9 @@ class Checkpointer:
             else:
                 it.obj.clear()
                 it.obj.update(value)
-        not_restored = tuple(it.name for it in items if it.name not in loaded.values and it.name not in loaded.absent_rank)
+        not_restored = tuple(
+            it.name for it in items if it.name not in loaded.values and it.name not in loaded.absent_rank
+        )
         return RestoreResult(
             step=m.step,
             url=f"{self.url}/{step_dir(m.step)}",
@@ -453,7 +569,9 @@ class Checkpointer:
             return None
         m = Manifest.from_json(raw, f"{where}/manifest.json")
         if m.step != step:
-            raise CheckpointCorruptError(f"{where}: manifest says step {m.step}; the folder was renamed or copied")
+            raise CheckpointCorruptError(
+                f"{where}: manifest says step {m.step}; the folder was renamed or copied"
+            )
         missing = [it.name for it in items if it.name not in m.entries]
         if missing and strict:
             raise StateMismatchError(
@@ -477,13 +595,19 @@ class Checkpointer:
                 raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
             tensors: dict[str, torch.Tensor] = {}
             if st_name in m.files:
-                tensors = tensors_from_buffer(self._read_verified(step, m, st_name, where), f"{where}/{st_name}")
+                tensors = tensors_from_buffer(
+                    self._read_verified(step, m, st_name, where), f"{where}/{st_name}"
+                )
 
-            def lookup(name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}") -> torch.Tensor:
+            def lookup(
+                name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}"
+            ) -> torch.Tensor:
                 try:
                     return _t[name]
                 except KeyError:
-                    raise CheckpointCorruptError(f"{_w} has no tensor '{name}' the skeleton refers to") from None
+                    raise CheckpointCorruptError(
+                        f"{_w} has no tensor '{name}' the skeleton refers to"
+                    ) from None
 
             out.values[it.name] = decode(skeleton, lookup, it.name)
         return out
@@ -510,11 +634,14 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
-        """Finish any work in flight. Idempotent."""
+        """Finish the save in flight (raising its error, if any) and release staging buffers. Idempotent."""
+        try:
+            self.wait()
+        finally:
+            self._staging.clear()
 
 
 def _describe(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
     return f"{type(exc).__name__}: {exc}"
-

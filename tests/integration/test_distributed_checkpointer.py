@@ -59,7 +59,9 @@ def _worker(rank: int, world: int, port: int, root: str, scenario: str) -> None:
                 warnings.simplefilter("always")
                 result = ckpt.restore({"model": fresh, "local": mine})
             out["step"] = result.step if result else None
-            out["equal"] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+            out["equal"] = all(
+                torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+            )
             out["local_rank"] = mine.get("rank")
             out["local_values"] = mine["values"].tolist() if "values" in mine else None
             out["warnings"] = [str(w.message) for w in caught]
@@ -76,7 +78,9 @@ def _worker(rank: int, world: int, port: int, root: str, scenario: str) -> None:
 
 
 def _run(world: int, root: Path, scenario: str) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _free_port(), str(root), scenario), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, _free_port(), str(root), scenario), nprocs=world, start_method="spawn"
+    )
     return [json.loads((root / f"result-{scenario}-{world}-{r}.json").read_text()) for r in range(world)]
 
 
@@ -120,6 +124,6 @@ def test_failure_on_one_rank_commits_nothing_and_raises_everywhere(tmp_path: Pat
     results = _run(2, tmp_path, "fail")
     assert results[1]["raised"] == "RuntimeError"
     assert results[0]["raised"] == "StorageError"
-    assert "rank(s) 1" in results[0]["message"] and "Nothing was committed" in results[0]["message"]
+    assert "rank(s) 1" in results[0]["message"] and "earlier checkpoints are intact" in results[0]["message"]
     assert not list(tmp_path.glob("step-*"))
     assert not list(tmp_path.glob(".tmp-*"))
