@@ -317,6 +317,7 @@ class Checkpointer:
                 "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
             )
         snap = _Snapshot(step, plan["writer"], world, items, t0)
+        error: Exception | None = None
         try:
             # Items are ordered RNG first: its state is captured before any other state_dict() runs.
             for it in items:
@@ -329,8 +330,6 @@ class Checkpointer:
                 snap.encoded.append((it, skeleton, tensors))
         except Exception as exc:
             error = exc
-        else:
-            error = None
         # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
         # forever in a collective of _write).
         failed = [(r, e) for r, e in enumerate(world.all_gather_json(_describe(error))) if e]
