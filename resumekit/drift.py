@@ -113,7 +113,9 @@ def _check_key(key: object) -> None:
     if head == "env" and rest in POLICY_ENV_KEYS:
         return
     known = ", ".join(f"env.{k}" for k in POLICY_ENV_KEYS)
-    if head == "env" and rest.startswith("device"):
+    if head == "config":
+        hint = "a config key needs a name after 'config.', e.g. 'config.lr'"
+    elif head == "env" and rest.startswith("device"):
         hint = "did you mean 'env.device'? It covers device type, count and names together"
     elif head == "env":
         hint = f"environment keys are {known}"
@@ -284,7 +286,7 @@ class DriftReport:
             "Restore in the saved environment, or relax these keys in the DriftPolicy."
         )
 
-    def emit(self, logger: Optional[logging.Logger] = None, *, stacklevel: int = 2) -> None:
+    def emit(self, logger: Optional[logging.Logger] = None, *, stacklevel: int = 1) -> None:
         """Report the items: warnings through :mod:`warnings` and logging, the rest through logging.
 
         Errors are logged at ERROR, warnings are issued as :class:`DriftWarning` and logged at WARNING,
@@ -292,7 +294,8 @@ class DriftReport:
 
         Args:
             logger: Where to log; ``logging.getLogger("resumekit.drift")`` by default.
-            stacklevel: Passed to :func:`warnings.warn` so the warning points at the caller's code.
+            stacklevel: Which frame the warnings point at: 1 is the code calling ``emit``, 2 its caller
+                (what a wrapper such as ``Checkpointer.restore`` passes so users see their own line).
         """
         log = logger if logger is not None else logging.getLogger("resumekit.drift")
         for item in self.items:
