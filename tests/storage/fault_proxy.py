@@ -98,12 +98,16 @@ class RequestRecord:
         target: The request target (path and query string).
         action: The fault applied, or ``None`` if the request was forwarded untouched.
         status: The status sent to the client (``None`` when the connection was reset).
+        started: ``time.monotonic()`` when the request had been read.
+        finished: ``time.monotonic()`` when the answer (or reset) was sent.
     """
 
     method: str
     target: str
     action: Optional[str]
     status: Optional[int]
+    started: float = 0.0
+    finished: float = 0.0
 
 
 def _error_body(status: int) -> bytes:
@@ -216,9 +220,24 @@ class FaultProxy:
                     return rule
         return None
 
-    def _record(self, method: str, target: str, action: Optional[str], status: Optional[int]) -> None:
+    def max_concurrency(self, method: Optional[str] = None, path: str = "") -> int:
+        """Most matching requests the proxy was handling at the same moment."""
+        regex = re.compile(path)
+        events = []
+        for r in self.log:
+            if (method is None or r.method == method.upper()) and regex.search(r.target):
+                events += [(r.started, 1), (r.finished, -1)]
+        level = peak = 0
+        for _, delta in sorted(events):
+            level += delta
+            peak = max(peak, level)
+        return peak
+
+    def _record(
+        self, method: str, target: str, action: Optional[str], status: Optional[int], started: float
+    ) -> None:
         with self._lock:
-            self._log.append(RequestRecord(method, target, action, status))
+            self._log.append(RequestRecord(method, target, action, status, started, time.monotonic()))
 
 
 def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
@@ -302,16 +321,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         owner = self.owner
         method, target = self.command, self.path
         body = self._read_body()
+        started = time.monotonic()
         fault = owner._pick(method, target)
         action = fault.action if fault is not None else None
 
         if fault is not None and fault.action == "reset_before":
-            owner._record(method, target, action, None)
+            owner._record(method, target, action, None, started)
             self._reset()
             return
         if fault is not None and fault.action == "status":
             err = fault.body if fault.body is not None else _error_body(fault.status)
-            owner._record(method, target, action, fault.status)
+            owner._record(method, target, action, fault.status, started)
             self._send(
                 fault.status, "Injected", [("Content-Type", "application/xml")], err, send_len=len(err)
             )
@@ -322,7 +342,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         status, reason, headers, data = self._forward(body)
 
         if fault is not None and fault.action == "reset_after":
-            owner._record(method, target, action, None)
+            owner._record(method, target, action, None, started)
             self._reset()
             return
         if fault is not None and fault.action == "flip_byte" and 200 <= status < 300 and data:
@@ -331,7 +351,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         send_len = len(data)
         if fault is not None and fault.action == "truncate":
             send_len = len(data) // 2
-        owner._record(method, target, action, status)
+        owner._record(method, target, action, status, started)
         self._send(status, reason, headers, data, send_len=send_len)
         if send_len < len(data):
             self.close_connection = True

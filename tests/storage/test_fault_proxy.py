@@ -155,11 +155,18 @@ def test_flip_byte_changes_exactly_one_byte(proxy: FaultProxy) -> None:
     assert _request(proxy, "GET", "/b/k") == (200, PAYLOAD)  # count=1: the next read is clean
 
 
-def test_delay_then_forward(proxy: FaultProxy) -> None:
-    proxy.add(Fault("delay", method="PUT", delay=0.3))
+def test_delay_then_forward_and_concurrency_is_measured(proxy: FaultProxy) -> None:
+    proxy.add(Fault("delay", method="PUT", delay=0.3, count=None))
     start = time.monotonic()
     assert _request(proxy, "PUT", "/b/k", b"x")[0] == 200
     assert time.monotonic() - start >= 0.3
+    assert proxy.max_concurrency("PUT") == 1
+    threads = [threading.Thread(target=_request, args=(proxy, "PUT", f"/b/{i}", b"x")) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert proxy.max_concurrency("PUT") >= 2  # three requests each held 0.3 s, sent together
 
 
 def test_only_loopback_upstreams() -> None:

@@ -1,0 +1,290 @@
+"""Streaming transfers for object stores: parallel multipart uploads and parallel ranged reads.
+
+Both keep memory bounded by a few part buffers, never by the file size, and compute the crc32c in
+the same pass over the bytes. s3fs/gcsfs are never imported here; they arrive as filesystem objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import crc32c
+
+from ._cloud import _DEFAULT_POLICY, RetryPolicy, _kind, _retry_async
+from .errors import CheckpointCorruptError
+
+__all__ = ["S3_MIN_PART", "Download", "S3ParallelWriter", "download_into", "open_upload"]
+
+#: S3 refuses multipart parts smaller than this (except the last one).
+S3_MIN_PART = 5 << 20
+
+
+class S3ParallelWriter(io.RawIOBase):
+    """A write-only file that uploads to S3 as a parallel multipart upload.
+
+    ``write`` copies into a part buffer of ``part_size`` bytes; a full part is handed to s3fs's event
+    loop and uploaded while the caller fills the next one. At most ``max_concurrency`` parts are in
+    flight (``write`` blocks beyond that), so memory stays below ``(max_concurrency + 1) * part_size``
+    whatever the file size: no second copy of a checkpoint. ``size`` and ``crc32c`` of the bytes
+    written are computed in the same pass. ``close()`` completes the upload (create-only with
+    ``if_absent``); leaving the ``with`` block by an exception, or :meth:`abort`, aborts it so no part
+    lingers. A file smaller than one part is sent as a single PUT.
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        *,
+        part_size: int = 64 << 20,
+        max_concurrency: int = 8,
+        if_absent: bool = False,
+    ) -> None:
+        super().__init__()
+        if part_size < S3_MIN_PART:
+            raise ValueError(
+                f"part_size must be at least {S3_MIN_PART} bytes (S3's minimum), got {part_size}"
+            )
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.fs, self.path = fs, path
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.part_size, self.max_concurrency, self.if_absent = part_size, max_concurrency, if_absent
+        self.size = 0
+        self.crc32c = 0
+        self._buf = bytearray(part_size)
+        self._fill = 0
+        self._upload_id: Optional[str] = None
+        self._futures: list[concurrent.futures.Future[dict[str, Any]]] = []
+        self._finished = False
+
+    def writable(self) -> bool:
+        """Always True."""
+        return True
+
+    def write(self, b: Any) -> int:
+        """Append ``b`` (any C-contiguous buffer); returns its length in bytes."""
+        view = memoryview(b).cast("B")
+        n = len(view)
+        self.crc32c = crc32c.crc32c(view, self.crc32c)
+        self.size += n
+        pos = 0
+        while pos < n:
+            take = min(n - pos, self.part_size - self._fill)
+            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self.part_size:
+                self._submit_part()
+        return n
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+    def _submit_part(self) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._call("create_multipart_upload")["UploadId"]
+        while sum(not f.done() for f in self._futures) >= self.max_concurrency:
+            concurrent.futures.wait(self._futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        for f in self._futures:
+            failure = f.exception() if f.done() else None
+            if failure is not None:
+                raise failure
+        # A full buffer is handed over as is (no copy); only a short last part is sliced.
+        part = self._buf if self._fill == self.part_size else self._buf[: self._fill]
+        self._buf, self._fill = bytearray(self.part_size), 0
+        coro = self.fs._call_s3(
+            "upload_part",
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=self._upload_id,
+            PartNumber=len(self._futures) + 1,
+            Body=part,
+        )
+        self._futures.append(asyncio.run_coroutine_threadsafe(coro, self.fs.loop))
+
+    def close(self) -> None:
+        """Finish the upload (idempotent). On failure the multipart upload is aborted and re-raised."""
+        if self.closed:
+            return
+        try:
+            if not self._finished:
+                self._complete()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            super().close()
+
+    def _complete(self) -> None:
+        match = {"IfNoneMatch": "*"} if self.if_absent else {}
+        if self._upload_id is None:
+            self._call("put_object", Body=self._buf[: self._fill], **match)
+        else:
+            if self._fill:
+                self._submit_part()
+            parts = [{"PartNumber": i + 1, "ETag": f.result()["ETag"]} for i, f in enumerate(self._futures)]
+            self._call(
+                "complete_multipart_upload",
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+                **match,
+            )
+        self._finished = True
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.path)
+
+    def abort(self) -> None:
+        """Abandon the upload: wait for parts in flight, abort the multipart upload. Never raises."""
+        self._finished = True
+        for f in self._futures:
+            with contextlib.suppress(BaseException):
+                f.result()
+        if self._upload_id is not None:
+            with contextlib.suppress(Exception):
+                self._call("abort_multipart_upload", UploadId=self._upload_id)
+        self._buf = bytearray()
+        super().close()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        # Never complete an upload nobody closed: a half-written file must not become visible.
+        if not self.closed:
+            self.abort()
+
+
+def open_upload(fs: Any, path: str, *, part_size: int = 64 << 20, max_concurrency: int = 8) -> Any:
+    """Open ``path`` for streaming writes: parallel multipart on S3, ``fs.open(path, "wb")`` elsewhere.
+
+    GCS resumable uploads accept chunks only in order, so gcsfs uploads sequentially in blocks of
+    ``part_size`` (rounded up to its 256 KiB granularity). Either way memory is bounded by the part
+    buffers, never by the file size.
+    """
+    if _kind(fs) == "s3":
+        return S3ParallelWriter(fs, path, part_size=part_size, max_concurrency=max_concurrency)
+    return fs.open(path, "wb", block_size=-(-part_size // (256 << 10)) * (256 << 10))
+
+
+@dataclass(frozen=True)
+class Download:
+    """What :func:`download_into` read: the buffer (as given, or allocated) and its crc32c."""
+
+    buffer: Any
+    crc32c: int
+
+
+def download_into(
+    fs: Any,
+    path: str,
+    size: int,
+    out: Any = None,
+    *,
+    part_size: int = 32 << 20,
+    max_concurrency: int = 8,
+    policy: RetryPolicy = _DEFAULT_POLICY,
+) -> Download:
+    """Read ``path`` (expected to be ``size`` bytes) into ``out`` with parallel ranged GETs.
+
+    Each range lands directly at its offset in ``out`` (a writable buffer of ``size`` bytes, e.g. a
+    ``bytearray`` or a tensor's memory; allocated if None). Transient memory is at most
+    ``max_concurrency`` ranges of ``part_size`` bytes, not a second copy of the file. The crc32c is
+    extended over each range as soon as every range before it is in, while the bytes are still hot.
+    Ranges whose body is cut short are retried under ``policy``.
+
+    Raises:
+        CheckpointCorruptError: the object is missing or its size is not ``size``.
+        StorageError: a range could not be read within the retry budget.
+    """
+    if out is None:
+        out = bytearray(size)
+    view = memoryview(out).cast("B")
+    if len(view) != size:
+        raise ValueError(f"download buffer holds {len(view)} bytes, expected {size}")
+    ranges = [(s, min(s + part_size, size)) for s in range(0, size, part_size)]
+
+    def check_size(actual: int) -> None:
+        if actual != size:
+            raise CheckpointCorruptError(
+                f"'{path}' is {actual} bytes, the manifest says {size}: the object was truncated or replaced."
+            )
+
+    try:
+        if getattr(fs, "async_impl", False):
+            from fsspec.asyn import sync
+
+            crc = sync(fs.loop, _download_async, fs, path, view, ranges, max_concurrency, policy, check_size)
+        else:
+            check_size(fs.size(path))
+            crc = 0
+            with fs.open(path, "rb") as f:
+                for start, end in ranges:
+                    chunk = f.read(end - start)
+                    if len(chunk) != end - start:
+                        check_size(start + len(chunk))
+                    view[start:end] = chunk
+                    crc = crc32c.crc32c(view[start:end], crc)
+    except FileNotFoundError as exc:
+        raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+    return Download(out, crc)
+
+
+async def _download_async(
+    fs: Any,
+    path: str,
+    view: memoryview,
+    ranges: list[tuple[int, int]],
+    max_concurrency: int,
+    policy: RetryPolicy,
+    check_size: Callable[[int], None],
+) -> int:
+    sem = asyncio.Semaphore(max_concurrency)
+    done = [False] * len(ranges)
+    state = {"next": 0, "crc": 0}
+
+    async def read_range(i: int) -> None:
+        start, end = ranges[i]
+        async with sem:
+
+            async def once() -> bytes:
+                data = await fs._cat_file(path, start=start, end=end)
+                if len(data) != end - start:
+                    check_size(start + len(data))  # a short answer means a shorter object: corrupt
+                return bytes(data)
+
+            data = await _retry_async(once, what=f"reading bytes {start}-{end} of '{path}'", policy=policy)
+            view[start:end] = data
+            del data
+        done[i] = True
+        # The crc advances over the contiguous completed prefix, in order, as soon as it grows.
+        while state["next"] < len(ranges) and done[state["next"]]:
+            s, e = ranges[state["next"]]
+            state["crc"] = crc32c.crc32c(view[s:e], state["crc"])
+            state["next"] += 1
+
+    async def stat() -> None:
+        info = await fs._info(path)
+        check_size(int(info["size"]))
+
+    tasks = [asyncio.ensure_future(stat())] + [
+        asyncio.ensure_future(read_range(i)) for i in range(len(ranges))
+    ]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # No range may keep writing into the caller's buffer after this call has returned.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return state["crc"]
