@@ -83,6 +83,9 @@ class RNGState:
 
     #: Read by the Checkpointer: this state differs per rank and is stored once per rank.
     resumekit_scope = "rank"
+    #: Read by the Checkpointer: captured before and restored after every other entry, so that their
+    #: ``state_dict()``/``load_state_dict()`` side effects cannot shift a stream.
+    resumekit_restore_last = True
 
     _cuda: _CudaBackend = _CudaBackend()
 

@@ -122,8 +122,9 @@ def test_state_dict_is_pickle_free_plain_data() -> None:
     assert_storable(RNGState(make_generators(1)).state_dict())
 
 
-def test_scope_is_per_rank() -> None:
+def test_checkpointer_hints_per_rank_and_restore_last() -> None:
     assert RNGState.resumekit_scope == "rank"
+    assert RNGState.resumekit_restore_last is True
 
 
 def test_register_rejects_unsupported_types_and_name_clashes() -> None:
