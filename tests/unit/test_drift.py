@@ -457,3 +457,21 @@ def test_emit_stacklevel_points_past_a_wrapper() -> None:
         call_line = frame.f_lineno + 1
         restore_like()
     assert (caught[0].filename, caught[0].lineno) == (__file__, call_line)
+
+
+def test_error_level_drift_through_the_checkpointer_leaves_objects_untouched(tmp_path: Any) -> None:
+    import torch
+
+    import resumekit as rk
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    rk.Checkpointer(str(tmp_path), config={"batch_size": 8}).save({"model": model}, step=1)
+    fresh = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    strict = rk.Checkpointer(
+        str(tmp_path), config={"batch_size": 16}, drift_policy=DriftPolicy({"config.batch_size": "error"})
+    )
+    with pytest.raises(DriftError, match=r"config\.batch_size changed: 8 at save, 16 now"):
+        strict.restore({"model": fresh})
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
