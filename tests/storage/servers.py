@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess as subprocess_mod
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,28 +149,76 @@ def _use_plain_gcsfs() -> None:
 
 
 @contextmanager
-def moto_s3_server(bucket: str = "resumekit-test") -> Iterator[S3Endpoint]:
+def moto_s3_server(bucket: str = "resumekit-test", *, subprocess: bool = False) -> Iterator[S3Endpoint]:
     """Run moto's S3 server on 127.0.0.1 (free port) with ``bucket`` created; stop it on exit.
 
     Args:
         bucket: Name of the bucket to create.
+        subprocess: Run the server as ``python -m moto.server`` in its own process instead of a
+            thread. In a thread it shares the test process's GIL, which hides any client-side
+            parallelism: use a subprocess for throughput measurements and kill tests.
 
     Yields:
         The endpoint, bucket and s3fs ``storage_options``.
     """
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    with _moto_subprocess() if subprocess else _moto_thread() as url:
+        endpoint = S3Endpoint(url, bucket, s3_storage_options(url))
+        # create_bucket directly: s3fs.mkdir sends a LocationConstraint that moto rejects for us-east-1.
+        endpoint.filesystem().call_s3("create_bucket", Bucket=bucket)
+        yield endpoint
+
+
+@contextmanager
+def _moto_thread() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()
-        endpoint = S3Endpoint(f"http://{host}:{port}", bucket, s3_storage_options(f"http://{host}:{port}"))
-        # create_bucket directly: s3fs.mkdir sends a LocationConstraint that moto rejects for us-east-1.
-        endpoint.filesystem().call_s3("create_bucket", Bucket=bucket)
-        yield endpoint
+        yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _moto_subprocess(timeout: float = 30.0) -> Iterator[str]:
+    # moto's CLI cannot report a kernel-chosen port, so pick one; a collision fails loudly below.
+    port = _free_port()
+    proc = subprocess_mod.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess_mod.DEVNULL,
+        stderr=subprocess_mod.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with code {proc.returncode} (port {port} taken?)")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"moto server did not listen on 127.0.0.1:{port} within {timeout} s"
+                    ) from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess_mod.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
