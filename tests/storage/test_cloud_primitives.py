@@ -21,7 +21,9 @@ from resumekit._cloud import (
     find_orphans,
     is_transient,
     put_if_absent,
+    require_backend,
     retry_call,
+    s3_default_options,
     single_retry_layer,
 )
 from resumekit._transfer import S3ParallelWriter, download_into, open_upload
@@ -120,6 +122,15 @@ def test_retry_call_does_not_retry_permanent_errors() -> None:
     with pytest.raises(FileNotFoundError):
         retry_call(missing, what="op", sleep=lambda s: None)
     assert len(calls) == 1
+
+
+def test_s3_default_options_sit_under_the_users_own() -> None:
+    opts = s3_default_options({"endpoint_url": "http://x", "config_kwargs": {"read_timeout": 7}}, attempts=3)
+    assert opts["endpoint_url"] == "http://x"
+    assert opts["config_kwargs"]["read_timeout"] == 7  # the user's value wins
+    assert opts["config_kwargs"]["retries"] == {"mode": "standard", "total_max_attempts": 3}
+    require_backend("s3://bucket/run")  # installed here: no error
+    require_backend("memory://run")  # not an optional backend: nothing to check
 
 
 # -- memory:// (best effort) ---------------------------------------------------------------------------
