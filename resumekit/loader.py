@@ -21,7 +21,9 @@ It fixes three things a plain DataLoader gets wrong on a mid-epoch resume:
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
 import warnings
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
@@ -45,6 +47,9 @@ _BASE_SEED_DOMAIN = 0xB45E_5EED
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The 128-bit seed a sample's augmentation runs under, a pure function of its arguments.
 
+    Computed as BLAKE2b (16-byte digest) of ``(seed, epoch, index)`` packed as little-endian 64-bit words
+    (each taken modulo ``2**64``), so it is the same on every platform, process and Python version.
+
     Args:
         seed: The sampler's seed.
         epoch: The epoch.
@@ -53,9 +58,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     Returns:
         A non-negative int below ``2**128``; torch receives its low 64 bits.
     """
-    words = np.random.SeedSequence([seed & _MASK64, epoch & _MASK64, index & _MASK64, _SAMPLE_DOMAIN])
-    state = words.generate_state(4, np.uint32)
-    return int(state[0]) | int(state[1]) << 32 | int(state[2]) << 64 | int(state[3]) << 96
+    words = struct.pack("<4Q", seed & _MASK64, epoch & _MASK64, index & _MASK64, _SAMPLE_DOMAIN)
+    return int.from_bytes(hashlib.blake2b(words, digest_size=16).digest(), "little")
 
 
 def _base_seed_generator(seed: int, epoch: int) -> torch.Generator:
@@ -86,22 +90,28 @@ class _SeededDataset(Dataset):
         return len(self._rk_dataset)
 
     def __getitem__(self, index: Any) -> Any:
-        if not isinstance(index, _TaggedIndex):
-            return self._rk_dataset[index]
-        seed = sample_seed(index.seed, index.epoch, int(index))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[Any]) -> list[Any]:
+        # DataLoader's fetcher calls this once per batch: the main-process save/restore below is paid
+        # once a batch, the re-seeding once a sample.
         if get_worker_info() is not None:
             # A worker's global streams are its own: seed them and move on.
-            _seed_global_streams(seed)
-            return self._rk_dataset[int(index)]
+            return [self._fetch(i) for i in indices]
         # In the main process the global streams belong to the training loop: give them back untouched.
         saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
         try:
-            _seed_global_streams(seed)
-            return self._rk_dataset[int(index)]
+            return [self._fetch(i) for i in indices]
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+    def _fetch(self, index: Any) -> Any:
+        if not isinstance(index, _TaggedIndex):
+            return self._rk_dataset[index]
+        _seed_global_streams(sample_seed(index.seed, index.epoch, int(index)))
+        return self._rk_dataset[int(index)]
 
     def __getattr__(self, name: str) -> Any:
         if name == "_rk_dataset" or name.startswith("__"):

@@ -99,10 +99,11 @@ def partition_indices(
     remaining = order[start:] if start < len(order) else order[:0]
     count = per_rank_count(len(remaining), num_replicas, drop_last)
     total = count * num_replicas
-    if total > len(remaining):
+    pad = total - len(remaining)
+    if pad > 0:
         # Padding repeats the partition's own head, as many times as needed (DistributedSampler's rule).
-        reps = math.ceil(total / len(remaining))
-        remaining = remaining.repeat(reps)
+        head = remaining[:pad] if pad <= len(remaining) else remaining.repeat(math.ceil(pad / len(remaining)))
+        remaining = torch.cat([remaining, head[:pad]])
     segment = remaining[:total]
     first = rank + skip * num_replicas
     return segment[first:total:num_replicas].tolist()
@@ -276,10 +277,10 @@ class ResumableSampler(Sampler[int]):
         tag, count = self._tag_indices, not self._external_count
         for i in indices:
             if count:
-                self._consumed += self.num_replicas
+                self._advance(1)
             yield _TaggedIndex(i, seed, epoch) if tag else i
         if count:
-            self._finished = True
+            self._mark_finished()
 
     def _advance(self, local_samples: int) -> None:
         """Record that the loop consumed ``local_samples`` samples on this rank (and as many on each other)."""

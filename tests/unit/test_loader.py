@@ -306,3 +306,75 @@ def test_world_size_change_through_the_loader_covers_the_rest_of_the_epoch() -> 
     rest = [int(i) for x in loaders(3, state) for b in x for i in b[:, 0]]
     assert set(rest) == set(range(23)) - seen
     assert len(rest) == 12  # 11 unseen samples padded to 3 ranks x 4
+
+
+def test_without_the_wrapper_a_single_process_loader_counts_exactly() -> None:
+    ds = Augmented(10)
+    sampler = ResumableSampler(ds, shuffle=False)
+    it = iter(DataLoader(ds, batch_size=3, sampler=sampler, num_workers=0))
+    next(it)
+    next(it)
+    assert sampler.consumed == 6  # pulled == consumed when nothing prefetches
+
+
+# ----------------------------------------------------------------------- real torch.distributed ranks
+
+
+def _ddp_rank(rank: int, port: int, results: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ds = Augmented(N)
+        sampler = ResumableSampler(ds, seed=4)  # num_replicas and rank from the process group
+        loader = ResumableLoader(DataLoader(ds, batch_size=B, sampler=sampler, num_workers=2))
+        sampler.set_epoch(0)
+        batches = iter(loader)
+        rows = torch.cat([next(batches) for _ in range(3)])
+        seen = [int(i) for i in rows[:, 0]]
+        results.put((rank, sampler.num_replicas, sampler.rank, seen, sampler.state_dict(), rows))
+        del batches
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_then_resume_on_one() -> None:
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        out = sorted(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [(o[1], o[2]) for o in out] == [(2, 0), (2, 1)]
+    states = [o[4] for o in out]
+    assert states[0] == states[1] and states[0]["consumed"] == 3 * B * 2
+    seen = out[0][3] + out[1][3]
+    assert len(set(seen)) == len(seen) == 3 * B * 2
+    # Each sample's augmentation is a function of (seed, epoch, index) alone: the same in any process.
+    reference = _SeededDataset(Augmented(N))
+    for o in out:
+        expected = torch.stack(reference.__getitems__([_TaggedIndex(i, 4, 0) for i in o[3]]))
+        assert torch.equal(o[5], expected)
+
+    single = ResumableSampler(Augmented(N), num_replicas=1, rank=0, seed=4)
+    single.load_state_dict(states[0])
+    single.set_epoch(0)
+    rest = [
+        int(i)
+        for b in ResumableLoader(DataLoader(Augmented(N), batch_size=B, sampler=single))
+        for i in b[:, 0]
+    ]
+    assert sorted(seen + rest) == list(range(N))
