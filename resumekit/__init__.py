@@ -7,17 +7,25 @@ batch, the same random numbers, the same optimizer state.
 from __future__ import annotations
 
 from ._protocol import TrainingState
-from .checkpointer import CheckpointInfo, Checkpointer, RestoreResult
+from .checkpointer import Checkpointer, CheckpointInfo, RestoreResult
 from .drift import DriftPolicy
 from .errors import ResumeKitError
+from .grads import AccumulatedGradients
+from .loader import ResumableLoader
+from .rng import RNGState
+from .sampler import ResumableSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulatedGradients",
     "CheckpointInfo",
     "Checkpointer",
     "DriftPolicy",
+    "RNGState",
     "RestoreResult",
+    "ResumableLoader",
+    "ResumableSampler",
     "ResumeKitError",
     "TrainingState",
     "__version__",

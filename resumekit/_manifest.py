@@ -34,7 +34,9 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 50
 
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-_FILE_RE = re.compile(r"^(w-[0-9a-f]{16}/)?(rank-[0-9]{5}/)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\.(json|safetensors)$")
+_FILE_RE = re.compile(
+    r"^(w-[0-9a-f]{16}/)?(rank-[0-9]{5}/)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\.(json|safetensors)$"
+)
 _STEP_RE = re.compile(r"^step-([0-9]{12,20})$")
 
 SCOPE_REPLICATED = "replicated"

@@ -253,9 +253,12 @@ class _FsspecStage:
 
     @contextlib.contextmanager
     def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
+        from ._transfer import open_upload
+
         path = self.store._path(self.step, relpath)
         try:
-            with self.store.fs.open(path, "wb") as f:
+            # Parallel multipart on S3; an upload whose body raises is aborted, never completed.
+            with open_upload(self.store.fs, path) as f:
                 yield f
         except OSError as exc:
             raise _io_error(exc, "writing", path) from exc
@@ -282,8 +285,18 @@ class FsspecStorage:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         import fsspec
 
-        self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        from ._cloud import require_backend, s3_default_options, single_retry_layer
+
+        require_backend(url)
+        options = dict(storage_options or {})
+        if url.startswith(("s3://", "s3a://")):
+            # botocore retries transient faults with backoff; s3fs's own loop is reduced to one pass
+            # so attempts do not multiply (see .notes/object-stores.md).
+            options = s3_default_options(options)
+            options.setdefault("skip_instance_cache", True)
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(url, **options)
+        single_retry_layer(self.fs)
         self.root = self.root.rstrip("/")
 
     def _path(self, step: int, relpath: str = "") -> str:
@@ -296,7 +309,9 @@ class FsspecStorage:
             return []
         except TypeError:
             names = self.fs.ls(self.root, detail=False)
-        return sorted(s for s in (parse_step_dir(n.rstrip("/").rsplit("/", 1)[-1]) for n in names) if s is not None)
+        return sorted(
+            s for s in (parse_step_dir(n.rstrip("/").rsplit("/", 1)[-1]) for n in names) if s is not None
+        )
 
     def read_manifest(self, step: int) -> bytes | None:
         try:
@@ -306,23 +321,12 @@ class FsspecStorage:
             return None
 
     def read_file(self, step: int, relpath: str, size: int) -> bytearray:
-        path = self._path(step, relpath)
-        try:
-            with self.fs.open(path, "rb") as f:
-                buf = bytearray(size)
-                view = memoryview(buf)
-                got = 0
-                while got < size:
-                    chunk = f.read(min(size - got, 64 << 20))
-                    if not chunk:
-                        raise CheckpointCorruptError(f"'{path}' ended after {got} of {size} bytes")
-                    view[got : got + len(chunk)] = chunk
-                    got += len(chunk)
-                if f.read(1):
-                    raise CheckpointCorruptError(f"'{path}' is longer than the {size} bytes the manifest says")
-                return buf
-        except FileNotFoundError as exc:
-            raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+        from ._transfer import download_into
+
+        # Parallel ranged GETs straight into one buffer; a size mismatch or missing object is
+        # reported as CheckpointCorruptError naming the path.
+        buf: bytearray = download_into(self.fs, self._path(step, relpath), size).buffer
+        return buf
 
     def stage(self, step: int, writer_id: str) -> Stage:
         if self.fs.exists(self._path(step, MANIFEST)):
@@ -339,13 +343,17 @@ class FsspecStorage:
             self.fs.rm(self._path(step), recursive=True)
 
     def cleanup(self, grace_seconds: float) -> list[str]:
-        from ._cloud import find_orphans
+        from ._cloud import abort_stale_uploads, find_orphans
 
         removed = []
         for path in find_orphans(self.fs, self.root, grace_seconds):
+            step = parse_step_dir(path.rstrip("/").rsplit("/", 1)[-1])
+            if step is not None and self.read_manifest(step) is not None:
+                continue  # committed since it was listed: a slow writer finished, keep it
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(path, recursive=True)
             removed.append(path)
+        removed.extend(abort_stale_uploads(self.fs, self.root, grace_seconds))
         return removed
 
 
