@@ -21,6 +21,7 @@ import os
 import random
 import signal
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class AugmentedData(Dataset):
         return x, self.y[i]
 
 
-def lr_lambda(total_steps: int, warmup: int):  # noqa: ANN201 - returns a closure
+def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
