@@ -180,7 +180,8 @@ class ResumableLoader(Generic[T]):
                 "ResumableLoader: the DataLoader has in_order=False, so batches arrive out of sampler order "
                 "and no position describes what the loop consumed; construct it with in_order=True"
             )
-        if getattr(loader, "_iterator", None) is not None:
+        existing = getattr(loader, "_iterator", None)
+        if seed_workers and existing is not None and not isinstance(existing._dataset, _SeededDataset):
             raise ValueError(
                 "ResumableLoader: this persistent-workers DataLoader was already iterated; its workers hold "
                 "the unwrapped dataset. Wrap the DataLoader before its first iteration."

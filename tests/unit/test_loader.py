@@ -74,7 +74,9 @@ def train(
     return seen, snapshot
 
 
-def straight_then_resumed(num_workers: int, stop_at: int, **loader_kw: Any) -> None:
+def straight_then_resumed(
+    num_workers: int, stop_at: int, resume_workers: int | None = None, **loader_kw: Any
+) -> None:
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
@@ -86,7 +88,7 @@ def straight_then_resumed(num_workers: int, stop_at: int, **loader_kw: Any) -> N
     torch.manual_seed(1234)  # the new process starts from unrelated streams
     random.seed(1234)
     np.random.seed(1234)
-    sampler2, loader2 = build(num_workers, **loader_kw)
+    sampler2, loader2 = build(num_workers if resume_workers is None else resume_workers, **loader_kw)
     sampler2.load_state_dict(snapshot["sampler"])
     RNGState().load_state_dict(snapshot["rng"])
     s2, _ = train(loader2, sampler2, snapshot["sampler"]["epoch"])
@@ -117,6 +119,10 @@ def test_mid_epoch_resume_replays_bit_for_bit(num_workers: int, loader_kw: dict[
 
 def test_resume_from_the_last_batch_of_an_epoch_starts_the_next_epoch() -> None:
     straight_then_resumed(2, BATCHES_PER_EPOCH)
+
+
+def test_resume_with_a_different_num_workers_replays_bit_for_bit() -> None:
+    straight_then_resumed(2, BATCHES_PER_EPOCH + 5, resume_workers=0)
 
 
 def test_augmentation_does_not_depend_on_num_workers() -> None:
@@ -280,6 +286,11 @@ def test_loaders_it_cannot_make_exact_are_refused_with_the_fix() -> None:
     iter(dl)
     with pytest.raises(ValueError, match="already iterated"):
         ResumableLoader(dl)
+    rewrapped = DataLoader(
+        ds, batch_size=2, sampler=ResumableSampler(ds), num_workers=1, persistent_workers=True
+    )
+    list(ResumableLoader(rewrapped))
+    assert len(list(ResumableLoader(rewrapped))) == 4  # wrapping again after a wrapped iteration is fine
     with pytest.warns(RuntimeWarning, match="generator= is not used"):
         ResumableLoader(
             DataLoader(ds, batch_size=2, sampler=ResumableSampler(ds), generator=torch.Generator())
