@@ -255,7 +255,8 @@ class ResumableSampler(Sampler[int]):
         self._view = self._consumed
 
     def _roll_over_if_finished(self) -> None:
-        if self._finished and self._at_end():
+        # Finished means the loop got all this epoch will give: its end, or all but a dropped last batch.
+        if self._finished:
             self.set_epoch(self.epoch + 1)
 
     def _mark_finished(self) -> None:
@@ -290,7 +291,7 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """This rank's count for the next or current iteration: after a mid-epoch resume, what remains."""
-        if self._finished and self._at_end():
+        if self._finished:
             return self.num_samples
         return max(0, self._partition_count() - self._local_done(self._view))
 

@@ -163,6 +163,16 @@ def test_partial_last_batch_and_drop_last_are_counted_exactly() -> None:
         assert list(loader2) == []  # the epoch has nothing left for the loop
 
 
+def test_without_set_epoch_a_drop_last_loader_moves_on_to_the_next_epoch() -> None:
+    ds = Augmented(11)
+    sampler = ResumableSampler(ds, seed=2)
+    loader = ResumableLoader(DataLoader(ds, batch_size=4, sampler=sampler, drop_last=True))
+    first = [b[:, 0].tolist() for b in loader]
+    second = [b[:, 0].tolist() for b in loader]
+    assert (len(first), len(second), sampler.epoch) == (2, 2, 1)
+    assert first != second
+
+
 def test_explicit_batch_sampler_and_unbatched_loaders_are_supported() -> None:
     ds = Augmented(10)
     sampler = ResumableSampler(ds, shuffle=False)
