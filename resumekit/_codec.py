@@ -128,13 +128,16 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
                 f"state value at '{path}' is a NumPy array of dtype {obj.dtype}; only numeric and bool "
                 "arrays can be stored without pickle. Convert it to a list of str or to a numeric array."
             )
-        return {_TAG: "ndarray", "key": table.add(torch.from_numpy(np.ascontiguousarray(obj)), path)}
+        # np.ascontiguousarray would turn a 0-dim array into shape (1,); copy only when needed.
+        arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
+        return {_TAG: "ndarray", "key": table.add(torch.from_numpy(arr), path)}
     if isinstance(obj, np.generic):
         if obj.dtype.hasobject or obj.dtype.kind in "USVO":
             raise UnsupportedValueError(
                 f"state value at '{path}' is a NumPy {obj.dtype} scalar; not storable."
             )
-        return {_TAG: "npscalar", "dtype": obj.dtype.str, "hex": obj.tobytes().hex()}
+        # dtype.char keeps C-level distinctions (np.longlong vs np.int64) that dtype.str loses.
+        return {_TAG: "npscalar", "dtype": obj.dtype.char, "hex": obj.tobytes().hex()}
     if t is bytes:
         return {_TAG: "bytes", "b64": base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, torch.dtype):
@@ -168,7 +171,13 @@ def _encode_key(k: Any, path: str) -> Any:
 _DTYPE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
 
 
-def decode(skel: Any, lookup: Callable[[str], torch.Tensor], path: str = "", depth: int = 0) -> Any:
+def decode(
+    skel: Any,
+    lookup: Callable[[str], torch.Tensor],
+    path: str = "",
+    depth: int = 0,
+    params: dict[str, torch.nn.Parameter] | None = None,
+) -> Any:
     """Rebuild the value encoded by :func:`encode`.
 
     Args:
@@ -176,24 +185,27 @@ def decode(skel: Any, lookup: Callable[[str], torch.Tensor], path: str = "", dep
         lookup: returns the stored tensor for a name (raises on an unknown name).
         path: for error messages.
         depth: current nesting depth.
+        params: Parameters already rebuilt, by tensor name, so a tied Parameter stays one object.
 
     Raises:
         CheckpointCorruptError: the skeleton is malformed (unknown tag, wrong field types, too deep).
     """
     if depth > MAX_DEPTH:
         raise CheckpointCorruptError(f"skeleton nested deeper than {MAX_DEPTH} levels at '{path}'")
+    if params is None:
+        params = {}
     t = type(skel)
     if skel is None or t is bool or t is int or t is str or t is float:
         return skel
     if t is list:
-        return [decode(v, lookup, _join(path, i), depth + 1) for i, v in enumerate(skel)]
+        return [decode(v, lookup, _join(path, i), depth + 1, params) for i, v in enumerate(skel)]
     if t is not dict:
         raise CheckpointCorruptError(f"unexpected JSON value of type {t.__name__} at '{path}'")
     tag = skel.get(_TAG)
     if tag is None:
-        return {k: decode(v, lookup, _join(path, k), depth + 1) for k, v in skel.items()}
+        return {k: decode(v, lookup, _join(path, k), depth + 1, params) for k, v in skel.items()}
     try:
-        return _decode_tagged(tag, skel, lookup, path, depth)
+        return _decode_tagged(tag, skel, lookup, path, depth, params)
     except CheckpointCorruptError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -201,12 +213,21 @@ def decode(skel: Any, lookup: Callable[[str], torch.Tensor], path: str = "", dep
 
 
 def _decode_tagged(
-    tag: Any, skel: dict[str, Any], lookup: Callable[[str], torch.Tensor], path: str, depth: int
+    tag: Any,
+    skel: dict[str, Any],
+    lookup: Callable[[str], torch.Tensor],
+    path: str,
+    depth: int,
+    params: dict[str, torch.nn.Parameter] | None = None,
 ) -> Any:
+    params = {} if params is None else params
     if tag == "tensor":
-        tensor = lookup(_str(skel["key"]))
+        key = _str(skel["key"])
+        tensor = lookup(key)
         if skel.get("param"):
-            return torch.nn.Parameter(tensor, requires_grad=bool(skel.get("requires_grad", True)))
+            if key not in params:
+                params[key] = torch.nn.Parameter(tensor, requires_grad=bool(skel.get("requires_grad", True)))
+            return params[key]
         return tensor
     if tag == "ndarray":
         return lookup(_str(skel["key"])).numpy()
@@ -214,15 +235,16 @@ def _decode_tagged(
         bits = _str(skel["bits"])
         return float(struct.unpack(">d", bytes.fromhex(bits))[0])
     if tag == "tuple":
-        return tuple(decode(v, lookup, _join(path, i), depth + 1) for i, v in enumerate(_list(skel["items"])))
+        items = _list(skel["items"])
+        return tuple(decode(v, lookup, _join(path, i), depth + 1, params) for i, v in enumerate(items))
     if tag in ("dict", "odict"):
         out: dict[Any, Any] = OrderedDict() if tag == "odict" else {}
         for pair in _list(skel["items"]):
             k, v = _list(pair)
             key = _decode_key(k, path, depth)
-            out[key] = decode(v, lookup, _join(path, key), depth + 1)
+            out[key] = decode(v, lookup, _join(path, key), depth + 1, params)
         if "metadata" in skel:
-            meta = decode(skel["metadata"], lookup, _join(path, "_metadata"), depth + 1)
+            meta = decode(skel["metadata"], lookup, _join(path, "_metadata"), depth + 1, params)
             if not isinstance(meta, dict):
                 raise CheckpointCorruptError(f"'_metadata' at '{path}' is not a dict")
             out._metadata = OrderedDict(meta)  # type: ignore[attr-defined]

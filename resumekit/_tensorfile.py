@@ -26,6 +26,8 @@ __all__ = ["TensorSpec", "parse_header", "tensors_from_buffer", "write_tensors"]
 _CHUNK = 64 << 20
 #: A header larger than this is refused before it is parsed (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+#: Larger dimensions are refused as hostile (torch sizes are int64).
+_MAX_DIM = 1 << 48
 
 _ST_NAMES: dict[str, str] = {
     "float64": "F64",
@@ -74,8 +76,11 @@ def _host_bytes(t: torch.Tensor) -> torch.Tensor:
         t = t.resolve_neg()
     if t.device.type != "cpu":
         t = t.to("cpu")
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8)
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        # A size-1 view may keep an odd stride while counting as contiguous; view(uint8) needs 1.
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    return flat.view(torch.uint8)
 
 
 def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
@@ -191,13 +196,15 @@ def _spec(name: str, info: Any, data_len: int, where: str) -> TensorSpec:
         isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
     ):
         raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}")
+    if len(shape) > 64 or any(d > _MAX_DIM for d in shape):
+        raise UnsafeCheckpointError(f"{where}: tensor '{name}' declares an absurd shape {shape}")
     numel = 1
     for d in shape:
-        numel *= d
-        if numel * dtype.itemsize > data_len:
-            raise UnsafeCheckpointError(
-                f"{where}: tensor '{name}' declares shape {shape}, larger than the file's {data_len} data bytes"
-            )
+        numel *= d  # exact (Python ints); a zero dim anywhere makes it empty
+    if numel * dtype.itemsize > data_len:
+        raise UnsafeCheckpointError(
+            f"{where}: tensor '{name}' declares shape {shape}, larger than the file's {data_len} data bytes"
+        )
     begin, end = offsets
     if end - begin != numel * dtype.itemsize or end > data_len:
         raise CheckpointCorruptError(
