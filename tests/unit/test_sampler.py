@@ -65,8 +65,13 @@ def test_yields_exactly_what_distributed_sampler_yields(
 ) -> None:
     rank = data.draw(st.integers(0, world - 1))
     ds = list(range(n))
-    ref = DistributedSampler(
-        ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    ref: DistributedSampler[int] = DistributedSampler(
+        ds,  # type: ignore[arg-type]  # a list is a map-style dataset at runtime
+        num_replicas=world,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
     )
     ours = ResumableSampler(
         ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
