@@ -2,8 +2,6 @@
 
 * :class:`ModelEntry`: a prepared model under canonical keys (the unwrapped model's, without DDP's
   ``module.`` or ``torch.compile``'s ``_orig_mod.``), so it loads into a plain model and back.
-* :class:`GradientEntry`: the gradients accumulated so far, per process, so a checkpoint taken inside a
-  gradient-accumulation window resumes the window instead of dropping half of it.
 * :class:`CounterEntry`: ``accelerator.step``, which decides when ``accumulate()`` syncs.
 """
 
@@ -11,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from resumekit.errors import StateMismatchError
 
-__all__ = ["CounterEntry", "GradientEntry", "ModelEntry"]
+__all__ = ["CounterEntry", "ModelEntry", "unwrapped"]
 
 
-def _unwrapped(accelerator: Any, model: nn.Module) -> nn.Module:
+def unwrapped(accelerator: Any, model: nn.Module) -> nn.Module:
+    """The model without the wrappers ``prepare`` (DDP) or ``torch.compile`` put around it."""
     module: nn.Module = accelerator.unwrap_model(model, keep_torch_compile=False)
     return module
 
@@ -38,7 +36,7 @@ class ModelEntry:
 
     def state_dict(self) -> dict[str, Any]:
         """The unwrapped model's ``state_dict()`` (tensors are not copied)."""
-        return dict(_unwrapped(self.accelerator, self.model).state_dict())
+        return dict(unwrapped(self.accelerator, self.model).state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load weights saved by this adapter or by a plain ``Checkpointer`` of the unwrapped model.
@@ -46,7 +44,7 @@ class ModelEntry:
         Raises:
             StateMismatchError: keys are missing or unexpected (the message lists a few of each).
         """
-        module = _unwrapped(self.accelerator, self.model)
+        module = unwrapped(self.accelerator, self.model)
         own = set(module.state_dict())
         missing = sorted(own - set(state_dict))
         unexpected = sorted(set(state_dict) - own)
@@ -59,51 +57,6 @@ class ModelEntry:
                 "unwrapped model (accelerator.unwrap_model(model)) instead."
             )
         module.load_state_dict(state_dict, strict=True)
-
-
-class GradientEntry:
-    """The gradients a model holds right now, per process (they differ inside an accumulation window).
-
-    Args:
-        accelerator: The ``Accelerator`` that prepared ``model``.
-        model: The prepared model.
-    """
-
-    #: Read by the Checkpointer: gradients accumulated without sync differ on each process.
-    resumekit_scope = "rank"
-
-    def __init__(self, accelerator: Any, model: nn.Module) -> None:
-        self.accelerator = accelerator
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{parameter name: gradient}`` for every parameter whose ``.grad`` is set."""
-        module = _unwrapped(self.accelerator, self.model)
-        return {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Set each parameter's ``.grad`` to the saved one, or to None when none was saved.
-
-        Raises:
-            StateMismatchError: a saved gradient names no parameter or has another shape.
-        """
-        module = _unwrapped(self.accelerator, self.model)
-        params = dict(module.named_parameters())
-        unknown = sorted(set(state_dict) - set(params))
-        if unknown:
-            raise StateMismatchError(
-                f"resumekit_accelerate: saved gradients for parameters the model does not have: {unknown[:5]}"
-            )
-        for name, grad in state_dict.items():
-            if not isinstance(grad, torch.Tensor) or grad.shape != params[name].shape:
-                shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
-                raise StateMismatchError(
-                    f"resumekit_accelerate: saved gradient of {name!r} has shape {shape}, the parameter "
-                    f"{tuple(params[name].shape)}"
-                )
-        for name, p in params.items():
-            saved = state_dict.get(name)
-            p.grad = None if saved is None else saved.to(device=p.device, dtype=p.dtype).clone()
 
 
 class CounterEntry:

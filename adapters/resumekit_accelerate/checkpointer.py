@@ -8,12 +8,12 @@ import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from resumekit import Checkpointer, CheckpointInfo, DriftPolicy, RestoreResult
+from resumekit import AccumulatedGradients, Checkpointer, CheckpointInfo, DriftPolicy, RestoreResult
 from resumekit.errors import ResumeKitError
 from resumekit.rng import RNGState
 
 from ._data import DataLoaderPosition, UnsupportedDataLoaderError, adopt
-from ._entries import CounterEntry, GradientEntry, ModelEntry
+from ._entries import CounterEntry, ModelEntry, unwrapped
 
 __all__ = ["AcceleratorCheckpointer", "UnsupportedSetupError"]
 
@@ -188,7 +188,8 @@ class AcceleratorCheckpointer:
         state: dict[str, Any] = {"rng": self.rng, "accelerator": CounterEntry(acc)}
         for i, model in enumerate(acc._models):
             state[_name("model", i)] = ModelEntry(acc, model)
-            state[_name("grads", i)] = GradientEntry(acc, model)
+            # Gradients travel with the checkpoint: a save inside an accumulation window resumes the window.
+            state[_name("grads", i)] = AccumulatedGradients(unwrapped(acc, model))
         for i, opt in enumerate(acc._optimizers):
             state[_name("optimizer", i)] = opt
         for i, sched in enumerate(acc._schedulers):

@@ -69,7 +69,7 @@ def train(ckpt_dir: str, out_dir: str, kill_at: int) -> None:
                     opt.zero_grad()
                 progress["micro"] += 1
                 micro = progress["micro"]
-                log.write(f"{micro} {loss.item().hex()}\n")
+                log.write(f"{micro} {float(loss.item()).hex()}\n")
                 log.flush()
                 if micro % SAVE_EVERY == 0:
                     ckpt.save_state(step=micro)

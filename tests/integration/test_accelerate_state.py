@@ -274,7 +274,7 @@ def test_iterable_dataset_is_refused_unless_exact_dataloaders_is_off(tmp_path: P
 def test_dataloader_iterated_before_the_checkpointer_is_refused(tmp_path: Path) -> None:
     s = _setup()
     list(s["dl"])
-    with pytest.raises(UnsupportedDataLoaderError, match="right after accelerator.prepare"):
+    with pytest.raises(UnsupportedDataLoaderError, match=r"right after accelerator\.prepare"):
         AcceleratorCheckpointer(s["acc"], tmp_path / "run")
 
 
