@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from ._async import BackgroundSave, StagingPool
 from ._codec import TensorTable, decode, encode
 from ._dist import World, current_world
 from ._env import collect_environment, resumekit_version
+from ._keys import load_canonical
 from ._manifest import (
     FORMAT_VERSION,
     SCOPE_RANK,
@@ -33,7 +34,9 @@ from ._manifest import (
     step_dir,
     validate_entry_name,
 )
+from ._partial import check_only, module_state, optimisation_group, reset_group, scheduler_position
 from ._protocol import TrainingState
+from ._shapes import check_shapes, load_matching
 from ._storage import Stage, Storage, open_storage
 from ._tensorfile import tensors_from_buffer, write_tensors
 from .drift import DriftPolicy, DriftReport, compare
@@ -73,6 +76,9 @@ class RestoreResult:
         drift: differences between the saved and the current environment and config.
         skipped: newer checkpoints that failed verification, with the reason each was skipped.
         not_restored: entries of ``state`` that were left untouched (``strict=False``).
+        reset: optimizer/scaler/scheduler entries reset as a group by a partial restore (``only=``).
+        skipped_tensors: module tensors not loaded because their shapes differ
+            (``allow_shape_mismatch=True``).
     """
 
     step: int
@@ -82,6 +88,8 @@ class RestoreResult:
     drift: DriftReport
     skipped: tuple[tuple[int, str], ...] = ()
     not_restored: tuple[str, ...] = ()
+    reset: tuple[str, ...] = ()
+    skipped_tensors: tuple[str, ...] = ()
 
 
 @dataclass
@@ -323,7 +331,12 @@ class Checkpointer:
             for it in items:
                 if it.scope == SCOPE_REPLICATED and world.rank != 0:
                     continue
-                raw_state = it.obj.state_dict() if it.kind == "state" else dict(it.obj)
+                if isinstance(it.obj, torch.nn.Module):
+                    raw_state: Any = module_state(it.obj)  # canonical keys: loads wrapped or not
+                elif it.kind == "state":
+                    raw_state = it.obj.state_dict()
+                else:
+                    raw_state = dict(it.obj)
                 table = TensorTable()
                 skeleton = json.dumps(encode(raw_state, table), allow_nan=False).encode("utf-8")
                 tensors = pool.copy(it.name, table.tensors) if pool is not None else table.tensors
@@ -449,7 +462,13 @@ class Checkpointer:
     # -- restore ------------------------------------------------------------------------------------
 
     def restore(
-        self, state: Mapping[str, Any], *, step: int | None = None, strict: bool = True
+        self,
+        state: Mapping[str, Any],
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        only: Iterable[str] | None = None,
+        allow_shape_mismatch: bool = False,
     ) -> RestoreResult | None:
         """Load the newest checkpoint that verifies (or ``step``) into ``state``, in place.
 
@@ -462,6 +481,14 @@ class Checkpointer:
             step: restore exactly this step (no fallback); None for the newest that verifies.
             strict: when False, entries of ``state`` missing from the checkpoint are left untouched
                 (listed in ``RestoreResult.not_restored``) instead of raising.
+            only: restore just these entries (e.g. ``["model"]`` for weights only). The optimizer,
+                gradient scaler and LR scheduler are restored together or reset together: left out,
+                optimizers lose their moments, scalers return to their initial scale, and schedulers
+                (pass freshly created ones) are stepped to the checkpoint's position so the learning
+                rate equals an uninterrupted run's there.
+            allow_shape_mismatch: load every module tensor whose shape fits and keep the model's own
+                values for the rest (listed in ``RestoreResult.skipped_tensors``), e.g. after a
+                vocabulary grew. By default a mismatch raises before anything is loaded.
 
         Returns:
             None when the root holds no committed checkpoint (a fresh run), else a :class:`RestoreResult`.
@@ -471,10 +498,16 @@ class Checkpointer:
             CheckpointCorruptError: no committed checkpoint verifies (each one's failure is listed).
             UnsupportedFormatError: the checkpoint needs a newer resumekit.
             DriftError: the drift policy rates a change as an error (nothing was loaded).
-            StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``).
+            StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``), or a
+                module tensor's shape differs (names the parameter and both shapes).
+            ValueError: ``only=`` splits the optimizer/scaler/scheduler group.
         """
         self.wait()
         items = _items(state, self.per_rank)
+        chosen = check_only(state, only) if only is not None else frozenset(state)
+        group_reset = [n for n in optimisation_group(state) if n not in chosen]
+        # A reset scheduler is moved to its saved position, so its saved state is read (not loaded).
+        wanted = [it for it in items if it.name in chosen or it.name in group_reset]
         world = current_world(self._group)
         candidates: list[int] = world.broadcast_json(
             self._storage.step_candidates() if world.rank == 0 else None
@@ -492,7 +525,7 @@ class Checkpointer:
             result: _Loaded | None = None
             reason = ""
             try:
-                result = self._load_step(s, items, world, strict)
+                result = self._load_step(s, wanted, world, strict)
             except (CheckpointCorruptError, UnsafeCheckpointError, StorageError) as exc:
                 reason = str(exc)
             reasons = world.all_gather_json(reason)
@@ -532,24 +565,39 @@ class Checkpointer:
             current_format=FORMAT_VERSION,
         )
         report.raise_for_errors()  # before any object is touched
-        report.emit(log)
+        report.emit(log, stacklevel=2)
         for name in loaded.absent_rank:
             warnings.warn(
                 f"resumekit: checkpoint step {m.step} was saved by {m.world_size} rank(s) and has no '{name}' "
                 f"record for rank {world.rank}; that entry keeps its current state on this rank.",
                 stacklevel=2,
             )
-        for it in sorted(items, key=lambda it: it.last):
-            if it.name not in loaded.values:
+        values = {n: v for n, v in loaded.values.items() if n in chosen}
+        # Every check runs before any object is touched: a refused restore changes nothing.
+        for it in items:
+            if it.name not in values:
                 continue
-            value = loaded.values[it.name]
-            if it.kind == "state":
-                it.obj.load_state_dict(value)
-            else:
-                it.obj.clear()
-                it.obj.update(value)
+            if isinstance(it.obj, torch.nn.Module) and not allow_shape_mismatch:
+                check_shapes(
+                    values[it.name], it.obj, entry=it.name, fix="restore(..., allow_shape_mismatch=True)"
+                )
+            validate = getattr(it.obj, "resumekit_validate", None)
+            if callable(validate):
+                validate(values[it.name])
+        skipped_tensors: list[str] = []
+        # Order: every other entry, then the group reset, then RNG last (nothing after it draws).
+        ordered = [it for it in items if not it.last] + [it for it in items if it.last]
+        for i, it in enumerate(ordered):
+            if it.last and (i == 0 or not ordered[i - 1].last):
+                self._reset(state, group_reset, loaded)
+            if it.name in values:
+                skipped_tensors.extend(_apply(it, values[it.name], allow_shape_mismatch))
+        if not any(it.last for it in ordered):
+            self._reset(state, group_reset, loaded)
         not_restored = tuple(
-            it.name for it in items if it.name not in loaded.values and it.name not in loaded.absent_rank
+            it.name
+            for it in items
+            if it.name not in loaded.values and it.name not in loaded.absent_rank and it.name in chosen
         )
         return RestoreResult(
             step=m.step,
@@ -559,7 +607,14 @@ class Checkpointer:
             drift=report,
             skipped=tuple(skipped),
             not_restored=not_restored,
+            reset=tuple(group_reset),
+            skipped_tensors=tuple(skipped_tensors),
         )
+
+    @staticmethod
+    def _reset(state: Mapping[str, Any], group: list[str], loaded: _Loaded) -> None:
+        if group:
+            reset_group(state, group, {n: scheduler_position(loaded.values.get(n, {})) for n in group})
 
     def _load_step(self, step: int, items: list[_Item], world: World, strict: bool) -> _Loaded | None:
         where = f"{self.url}/{step_dir(step)}"
@@ -638,6 +693,20 @@ class Checkpointer:
             self.wait()
         finally:
             self._staging.clear()
+
+
+def _apply(it: _Item, value: Any, allow_shape_mismatch: bool) -> list[str]:
+    """Load one entry's decoded state into its object; return module tensors skipped for shape."""
+    if isinstance(it.obj, torch.nn.Module):
+        if allow_shape_mismatch:
+            return list(load_matching(it.obj, value).skipped)
+        load_canonical(it.obj, value)
+    elif it.kind == "state":
+        it.obj.load_state_dict(value)
+    else:
+        it.obj.clear()
+        it.obj.update(value)
+    return []
 
 
 def _describe(exc: BaseException | None) -> str | None:

@@ -316,19 +316,17 @@ class ResumableSampler(Sampler[int]):
             "drop_last": self.drop_last,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue the saved epoch at the saved position.
+    def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Check a saved record against this sampler without changing anything.
 
-        The checkpoint's ``seed``, ``shuffle`` and ``drop_last`` replace the constructor's (they define the
-        order of the epoch in progress); a difference draws a warning. A different world size starts a new
-        partition at the saved position.
+        The Checkpointer calls this for every entry before it loads any, so a dataset that shrank
+        below the saved position fails the restore before the model or optimizer is touched.
 
-        Args:
-            state_dict: A dict from :meth:`state_dict`.
+        Returns:
+            The validated record.
 
         Raises:
-            StateMismatchError: The record is malformed, or the dataset length changed while the epoch was
-                in progress (position > 0).
+            StateMismatchError: as :meth:`load_state_dict`.
         """
         s = _validated(state_dict)
         length = len(self.dataset)
@@ -345,6 +343,23 @@ class ResumableSampler(Sampler[int]):
                 f"leave the sampler out of the restore and call sampler.set_epoch({s['epoch'] + 1}) to "
                 "start the next epoch on the new data."
             )
+        return s
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved epoch at the saved position.
+
+        The checkpoint's ``seed``, ``shuffle`` and ``drop_last`` replace the constructor's (they define the
+        order of the epoch in progress); a difference draws a warning. A different world size starts a new
+        partition at the saved position.
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`.
+
+        Raises:
+            StateMismatchError: The record is malformed, or the dataset length changed while the epoch was
+                in progress (position > 0).
+        """
+        s = self.resumekit_validate(state_dict)
         for key in ("seed", "shuffle", "drop_last"):
             if getattr(self, key) != s[key]:
                 warnings.warn(
