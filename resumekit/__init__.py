@@ -6,6 +6,8 @@ batch, the same random numbers, the same optimizer state.
 
 from __future__ import annotations
 
+import logging
+
 from ._protocol import TrainingState
 from .checkpointer import Checkpointer, CheckpointInfo, RestoreResult
 from .drift import DriftPolicy
@@ -16,6 +18,9 @@ from .rng import RNGState
 from .sampler import ResumableSampler
 
 __version__ = "0.1.0"
+
+# Library convention: resumekit logs, the application decides where logs go (no stderr duplicates).
+logging.getLogger("resumekit").addHandler(logging.NullHandler())
 
 __all__ = [
     "AccumulatedGradients",

@@ -178,6 +178,8 @@ class Checkpointer:
         process_group: the torch.distributed group that saves together (default: the world).
         orphan_grace_seconds: unfinished writes younger than this are never cleaned up (another
             writer may still be finishing them).
+        amp_dtype: the autocast dtype the run trains with (e.g. ``torch.bfloat16``), recorded with
+            the environment so a change on resume is reported as drift.
 
     Example:
         >>> ckpt = Checkpointer("/tmp/run-7", keep_last=3)  # doctest: +SKIP
@@ -197,6 +199,7 @@ class Checkpointer:
         storage_options: dict[str, Any] | None = None,
         process_group: Any = None,
         orphan_grace_seconds: float = 3600.0,
+        amp_dtype: str | torch.dtype | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
@@ -215,6 +218,7 @@ class Checkpointer:
         self.per_rank = frozenset(per_rank)
         self.orphan_grace_seconds = float(orphan_grace_seconds)
         self._group = process_group
+        self.amp_dtype = amp_dtype
         self._storage: Storage = open_storage(url, storage_options)
         self.url = self._storage.url
         self._staging = StagingPool()
@@ -436,7 +440,7 @@ class Checkpointer:
             world_size=world.size,
             entries=entries,
             files=files,
-            environment=collect_environment(world_size=world.size),
+            environment=collect_environment(world_size=world.size, amp_dtype=self.amp_dtype),
             config=self.config,
             created_unix=time.time(),
             resumekit_version=resumekit_version(),
@@ -558,7 +562,7 @@ class Checkpointer:
         report = compare(
             m.environment,
             m.config,
-            collect_environment(world_size=world.size),
+            collect_environment(world_size=world.size, amp_dtype=self.amp_dtype),
             self.config,
             self.drift_policy,
             saved_format=m.format_version,

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ._keys import unwrap_model
 from .errors import StateMismatchError
 
 __all__ = ["AccumulatedGradients"]
@@ -17,7 +18,8 @@ class AccumulatedGradients:
     never rounded to a window boundary.
 
     Put it in the checkpointed state next to the model: ``{"model": model, "grads": AccumulatedGradients(model)}``.
-    Saved per rank (under ``no_sync`` ranks hold different partial gradients).
+    Saved per rank (under ``no_sync`` ranks hold different partial gradients), under the unwrapped
+    model's parameter names, so DDP/DataParallel/``torch.compile`` wrapping may change on resume.
 
     Args:
         model: the module whose parameters' gradients are saved (wrapped or not, as trained).
@@ -30,7 +32,10 @@ class AccumulatedGradients:
 
     def state_dict(self) -> dict[str, Any]:
         """Each parameter's gradient (a tensor, or None where there is none)."""
-        return {name: (None if p.grad is None else p.grad) for name, p in self.model.named_parameters()}
+        return {
+            name: (None if p.grad is None else p.grad)
+            for name, p in unwrap_model(self.model).named_parameters()
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Set each parameter's ``.grad`` to the saved gradient (copied onto the parameter's device).
@@ -38,7 +43,7 @@ class AccumulatedGradients:
         Raises:
             StateMismatchError: a parameter is missing from the saved state, or a shape differs.
         """
-        params = dict(self.model.named_parameters())
+        params = dict(unwrap_model(self.model).named_parameters())
         missing = sorted(set(params) - set(state_dict))
         if missing:
             raise StateMismatchError(
