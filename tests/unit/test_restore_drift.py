@@ -41,6 +41,6 @@ def test_error_level_drift_loads_nothing(tmp_path: Path) -> None:
     strict = rk.Checkpointer(
         tmp_path, config={"lr": 0.2}, drift_policy=rk.DriftPolicy({"config.lr": "error"})
     )
-    with pytest.raises(DriftError, match="config.lr"):
+    with pytest.raises(DriftError, match=r"config\.lr"):
         strict.restore({"model": fresh, "progress": progress}, strict=False)
     assert torch.all(fresh.weight == 5.0) and progress == {"epoch": 9}
