@@ -1,0 +1,351 @@
+"""Read-only access to a checkpoint root for the ``resumekit`` command line.
+
+Everything here reads; nothing writes, deletes or cleans up. A manifest is validated by
+:meth:`Manifest.from_json` before any path it names is opened, so a hostile manifest is reported and
+never followed. Nothing is unpickled: tensors come from safetensors, the rest from JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import crc32c
+
+from ._manifest import MANIFEST, Manifest, parse_step_dir, step_dir
+from ._storage import FsspecStorage, LocalStorage, Storage, open_storage
+from ._tensorfile import MAX_HEADER_BYTES, TensorSpec, parse_header
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError, UnsafeCheckpointError
+
+__all__ = [
+    "CliError",
+    "jsonable",
+    "Root",
+    "parse_storage_options",
+    "read_header",
+    "split_target",
+]
+
+_CHUNK = 8 << 20
+_STEP_SUFFIX = re.compile(r"^(?P<url>.+)@(?P<step>[0-9]+)$")
+
+
+class CliError(ResumeKitError, ValueError):
+    """A usage problem the command line reports as one line on stderr, with exit status 2."""
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``KEY=VALUE`` strings into fsspec storage options.
+
+    A value that parses as JSON (``true``, ``3``, ``{"endpoint_url": "..."}``) is used as parsed;
+    anything else is kept as a string.
+
+    Raises:
+        CliError: a pair has no ``=`` or an empty key.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--storage-option {pair!r} is not KEY=VALUE (e.g. --storage-option anon=true)")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def split_target(target: str) -> tuple[str, int | None]:
+    """Split ``URL@STEP`` into the URL and the step; a plain ``URL`` has no step.
+
+    A trailing ``@`` followed only by digits is always read as a step.
+    """
+    m = _STEP_SUFFIX.match(target)
+    if m:
+        return m.group("url"), int(m.group("step"))
+    return target, None
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` as strict JSON data: non-finite floats become ``"nan"``/``"inf"``, other exotic values
+    their ``repr`` (a hostile manifest may hold ``NaN``, which Python's json module reads)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    return repr(v)
+
+
+class _HeadView:
+    """The first bytes of a file, reporting the file's full length.
+
+    ``parse_header`` validates tensor offsets against the file's length; this lets it do so from the
+    header bytes alone, without the data region being read.
+    """
+
+    def __init__(self, head: bytes, total: int) -> None:
+        self.head = head
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, item: slice) -> bytes:
+        stop = item.stop if item.stop is not None else self.total
+        if stop > len(self.head):
+            raise CheckpointCorruptError("safetensors header read past the bytes fetched")
+        return self.head[item]
+
+
+def header_length(first8: bytes, total: int, where: str) -> int:
+    """The header length a safetensors file declares in its first 8 bytes, checked against its size.
+
+    Raises:
+        CheckpointCorruptError: fewer than 8 bytes.
+        UnsafeCheckpointError: the declared header is larger than the file or the safetensors limit.
+    """
+    if len(first8) < 8:
+        raise CheckpointCorruptError(f"{where}: {len(first8)} bytes is too short for a safetensors file")
+    (n,) = struct.unpack("<Q", first8[:8])
+    if n > MAX_HEADER_BYTES or n > total - 8:
+        raise UnsafeCheckpointError(
+            f"{where}: header claims {n} bytes but the file has {total}; the file is truncated or hostile."
+        )
+    return int(n)
+
+
+def read_header(head: bytes, total: int, where: str) -> dict[str, TensorSpec]:
+    """Parse a safetensors header from a file's first ``8 + n`` bytes (``total`` is the file size)."""
+    specs, _ = parse_header(cast(bytes, _HeadView(head, total)), where)
+    return specs
+
+
+@dataclass
+class FileCheck:
+    """What reading one file found: its size, crc32c and its first bytes (for a header)."""
+
+    size: int
+    crc32c: str
+    head: bytes
+    content: bytes | None  # the whole file, kept only for JSON files
+
+
+class Root:
+    """A checkpoint root opened for reading.
+
+    Args:
+        url: a local folder, ``file://`` or any fsspec URL.
+        storage_options: passed to fsspec.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+        try:
+            self.storage: Storage = open_storage(url, storage_options)
+        except (ValueError, ImportError) as exc:
+            raise CliError(f"cannot open '{url}': {exc}") from exc
+        self.url = self.storage.url.rstrip("/") or self.storage.url
+
+    # -- discovery ----------------------------------------------------------------------------------
+
+    def candidates(self) -> list[int]:
+        """Step folders, ascending; committed or not.
+
+        Raises:
+            CliError: the root does not exist or holds no step folders (not a checkpoint root).
+        """
+        st = self.storage
+        if isinstance(st, LocalStorage):
+            if not os.path.exists(st.root):
+                raise CliError(f"'{self.url}' does not exist; pass the folder given to Checkpointer(url)")
+            if not os.path.isdir(st.root):
+                raise CliError(f"'{self.url}' is a file, not a checkpoint folder")
+        try:
+            steps = st.step_candidates()
+        except Exception as exc:  # any backend failure (credentials, network, ...) on the first I/O
+            raise CliError(f"cannot list '{self.url}': {type(exc).__name__}: {exc}") from exc
+        if not steps and not self.unfinished():
+            raise CliError(
+                f"'{self.url}' is not a checkpoint root: it has no step-NNNNNNNNNNNN folders. "
+                "Pass the folder given to Checkpointer(url)."
+            )
+        return steps
+
+    def unfinished(self) -> list[tuple[int, str]]:
+        """Local temporary folders of saves that never committed: (step, folder name)."""
+        st = self.storage
+        if not isinstance(st, LocalStorage):
+            return []  # object stores write under the step's own prefix: listed as step folders
+        try:
+            names = os.listdir(st.root)
+        except OSError:
+            return []
+        out = []
+        for name in names:
+            # ".tmp-step-000000001200-<writer id>": see _storage._LocalStage
+            parts = name.split("-")
+            if name.startswith(".tmp-") and len(parts) >= 4:
+                step = parse_step_dir(f"{parts[1]}-{parts[2]}")
+                if step is not None:
+                    out.append((step, name))
+        return sorted(out)
+
+    def committed(self) -> list[int]:
+        """Steps whose folder has a manifest (not validated), ascending."""
+        return [s for s in self.candidates() if self.storage.read_manifest(s) is not None]
+
+    def resolve(self, step: int | None) -> int:
+        """``step`` if it is committed, else the newest committed step.
+
+        Raises:
+            CliError: the step is not committed, or there is no committed step.
+        """
+        committed = self.committed()
+        if step is None:
+            if not committed:
+                raise CliError(f"'{self.url}' has no committed checkpoint (no step folder has a manifest)")
+            return committed[-1]
+        if step not in committed:
+            raise CliError(
+                f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {committed}"
+            )
+        return step
+
+    def where(self, step: int, relpath: str = "") -> str:
+        """The URL of a step folder, or of a file inside it."""
+        base = f"{self.url}/{step_dir(step)}"
+        return f"{base}/{relpath}" if relpath else base
+
+    def manifest(self, step: int) -> Manifest:
+        """Read and validate the manifest of ``step``.
+
+        Raises:
+            CheckpointNotFoundError: no manifest (not committed).
+            CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFormatError: it does not validate.
+        """
+        raw = self.storage.read_manifest(step)
+        where = self.where(step, MANIFEST)
+        if raw is None:
+            raise CheckpointNotFoundError(f"{where} does not exist: step {step} is not committed")
+        m = Manifest.from_json(raw, where)
+        if m.step != step:
+            raise CheckpointCorruptError(
+                f"{where}: manifest says step {m.step}; the folder was renamed or copied"
+            )
+        return m
+
+    def raw_manifest(self, step: int) -> bytes | None:
+        """The manifest's bytes, unvalidated (None when absent)."""
+        return self.storage.read_manifest(step)
+
+    # -- files ----------------------------------------------------------------------------------------
+    # Paths below come from a validated manifest only: plain names inside the step folder.
+
+    def _local_path(self, step: int, relpath: str) -> str | None:
+        st = self.storage
+        if isinstance(st, LocalStorage):
+            return os.path.join(st.root, step_dir(step), relpath)
+        return None
+
+    def actual_size(self, step: int, relpath: str) -> int | None:
+        """The file's size on storage, or None when it is missing."""
+        st = self.storage
+        try:
+            local = self._local_path(step, relpath)
+            if local is not None:
+                return os.stat(local).st_size
+            if isinstance(st, FsspecStorage):
+                return int(st.fs.size(st._path(step, relpath)))
+        except FileNotFoundError:
+            return None
+        raise NotImplementedError  # pragma: no cover - every Storage is local or fsspec
+
+    def read_range(self, step: int, relpath: str, start: int, end: int, size: int) -> bytes:
+        """Bytes ``[start, end)`` of a file that the manifest says is ``size`` bytes long."""
+        st = self.storage
+        local = self._local_path(step, relpath)
+        try:
+            if local is not None:
+                with open(local, "rb") as f:
+                    f.seek(start)
+                    return f.read(end - start)
+            if isinstance(st, FsspecStorage):
+                data: bytes = st.fs.cat_file(st._path(step, relpath), start=start, end=end)
+                return data
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(
+                f"'{self.where(step, relpath)}' is missing; the manifest lists it."
+            ) from exc
+        return bytes(st.read_file(step, relpath, size)[start:end])
+
+    def tensor_specs(self, step: int, relpath: str, size: int) -> dict[str, TensorSpec]:
+        """The tensors a safetensors file declares, from its header bytes only."""
+        where = self.where(step, relpath)
+        n = header_length(self.read_range(step, relpath, 0, 8, size), size, where)
+        head = self.read_range(step, relpath, 0, 8 + n, size)
+        return read_header(head, size, where)
+
+    def _chunks(self, step: int, relpath: str, size: int) -> Iterator[bytes]:
+        st = self.storage
+        local = self._local_path(step, relpath)
+        if local is not None:
+            with open(local, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+            return
+        if isinstance(st, FsspecStorage):
+            with st.fs.open(st._path(step, relpath), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    yield chunk
+            return
+        yield bytes(st.read_file(step, relpath, size))  # pragma: no cover
+
+    def check_file(self, step: int, relpath: str, size: int, keep_content: bool) -> FileCheck:
+        """Stream a file once: its size, crc32c, the bytes a safetensors header needs, and (for
+        ``keep_content``) the whole content. Memory stays at one chunk for tensor files."""
+        crc = 0
+        total = 0
+        head = bytearray()
+        want = 8
+        parts: list[bytes] = []
+        for chunk in self._chunks(step, relpath, size):
+            crc = crc32c.crc32c(chunk, crc)
+            total += len(chunk)
+            pos = 0
+            while len(head) < want and pos < len(chunk):
+                take = chunk[pos : pos + want - len(head)]
+                head += take
+                pos += len(take)
+                if want == 8 and len(head) == 8:
+                    (n,) = struct.unpack("<Q", bytes(head))
+                    want = 8 + min(int(n), MAX_HEADER_BYTES)
+            if keep_content:
+                parts.append(chunk)
+        return FileCheck(
+            total, f"{crc & 0xFFFFFFFF:08x}", bytes(head), b"".join(parts) if keep_content else None
+        )
+
+    def read_verified(self, step: int, relpath: str, size: int, crc: str) -> bytearray:
+        """A whole file, checked against the manifest's size and crc32c.
+
+        Raises:
+            CheckpointCorruptError: missing, wrong size or wrong checksum.
+        """
+        buf = self.storage.read_file(step, relpath, size)
+        actual = f"{crc32c.crc32c(buf) & 0xFFFFFFFF:08x}"
+        if actual != crc:
+            raise CheckpointCorruptError(
+                f"{self.where(step, relpath)}: crc32c {actual} does not match the manifest's {crc}; "
+                f"run `resumekit verify {self.url}` to list every damaged file."
+            )
+        return buf
