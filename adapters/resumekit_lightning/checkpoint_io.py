@@ -89,6 +89,10 @@ class ResumeKitCheckpointIO(CheckpointIO):
         url = _url(path)
         self._refuse_file(url, storage_options, "save to")
         entries = to_entries(checkpoint, unsupported_hparams=self.unsupported_hparams)
+        fs, local = url_to_fs(url, **self._options(storage_options))
+        if isinstance(fs, LocalFileSystem) and not fs.exists(local):
+            self._save_new_local(entries, checkpoint, local, storage_options)
+            return
         ckpt = self._checkpointer(url, storage_options, keep_last=1)
         latest = ckpt.latest_step()
         global_step = checkpoint.get("global_step", 0)
@@ -98,6 +102,8 @@ class ResumeKitCheckpointIO(CheckpointIO):
         if latest is not None and step <= latest:
             step = latest + 1
         ckpt.save(entries, step=step)
+        if isinstance(fs, LocalFileSystem):
+            _remove_partials(local)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -166,7 +172,34 @@ class ResumeKitCheckpointIO(CheckpointIO):
 
     # ------------------------------------------------------------------------------------------ helpers
 
-    def _checkpointer(self, url: str, storage_options: Any, keep_last: int | None = None) -> Checkpointer:
+    def _save_new_local(
+        self, entries: dict[str, Any], checkpoint: Mapping[str, Any], path: str, storage_options: Any
+    ) -> None:
+        """First save to a local path: build the folder under a hidden name, then rename it into place.
+
+        Invariant: a checkpoint path that exists holds a committed checkpoint. Without this, a kill during
+        the first save to ``last.ckpt`` would leave a folder with no committed step, which
+        ``ckpt_path="last"`` would then pick and fail to load on every restart.
+        """
+        parent, name = os.path.split(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+        global_step = checkpoint.get("global_step", 0)
+        step = global_step if type(global_step) is int and global_step >= 0 else 0
+        try:
+            self._checkpointer(staging, storage_options).save(entries, step=step)
+            os.rename(staging, path)  # fails if the path appeared meanwhile: never merge two folders
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _remove_partials(path)
+
+    def _options(self, storage_options: Any) -> dict[str, Any]:
         options = dict(self.storage_options or {})
         if storage_options is not None:
             if not isinstance(storage_options, dict):
@@ -175,6 +208,10 @@ class ResumeKitCheckpointIO(CheckpointIO):
                     f"ResumeKitCheckpointIO, got {type(storage_options).__name__}"
                 )
             options.update(storage_options)
+        return options
+
+    def _checkpointer(self, url: str, storage_options: Any, keep_last: int | None = None) -> Checkpointer:
+        options = self._options(storage_options)
         return Checkpointer(
             url,
             keep_last=keep_last,
@@ -233,6 +270,15 @@ def load_checkpoint(
         The checkpoint dict (``state_dict``, ``optimizer_states``, ``hyper_parameters``, ``loops``, ...).
     """
     return ResumeKitCheckpointIO(storage_options=storage_options).load_checkpoint(path)
+
+
+def _remove_partials(path: str) -> None:
+    """Delete hidden first-save folders of ``path`` left by a process killed before their rename."""
+    parent, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.partial-"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _url(path: Any) -> str:
