@@ -1,7 +1,5 @@
 """State entries for what an ``Accelerator`` holds that has no plain ``state_dict()`` of the right shape.
 
-* :class:`ModelEntry`: a prepared model under canonical keys (the unwrapped model's, without DDP's
-  ``module.`` or ``torch.compile``'s ``_orig_mod.``), so it loads into a plain model and back.
 * :class:`CounterEntry`: ``accelerator.step``, which decides when ``accumulate()`` syncs.
 """
 
@@ -13,50 +11,13 @@ from torch import nn
 
 from resumekit.errors import StateMismatchError
 
-__all__ = ["CounterEntry", "ModelEntry", "unwrapped"]
+__all__ = ["CounterEntry", "unwrapped"]
 
 
 def unwrapped(accelerator: Any, model: nn.Module) -> nn.Module:
     """The model without the wrappers ``prepare`` (DDP) or ``torch.compile`` put around it."""
     module: nn.Module = accelerator.unwrap_model(model, keep_torch_compile=False)
     return module
-
-
-class ModelEntry:
-    """A prepared model's weights under the unwrapped model's own keys.
-
-    Args:
-        accelerator: The ``Accelerator`` that prepared ``model``.
-        model: The prepared (possibly DDP-wrapped or compiled) model.
-    """
-
-    def __init__(self, accelerator: Any, model: nn.Module) -> None:
-        self.accelerator = accelerator
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        """The unwrapped model's ``state_dict()`` (tensors are not copied)."""
-        return dict(unwrapped(self.accelerator, self.model).state_dict())
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load weights saved by this adapter or by a plain ``Checkpointer`` of the unwrapped model.
-
-        Raises:
-            StateMismatchError: keys are missing or unexpected (the message lists a few of each).
-        """
-        module = unwrapped(self.accelerator, self.model)
-        own = set(module.state_dict())
-        missing = sorted(own - set(state_dict))
-        unexpected = sorted(set(state_dict) - own)
-        if missing or unexpected:
-            raise StateMismatchError(
-                f"resumekit_accelerate: saved model weights do not fit {type(module).__name__}: missing keys "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                f"{' ...' if len(unexpected) > 5 else ''}. The checkpoint holds another architecture, or was "
-                "saved from a wrapped model with its wrapper prefix (module., _orig_mod.) in the keys; save the "
-                "unwrapped model (accelerator.unwrap_model(model)) instead."
-            )
-        module.load_state_dict(state_dict, strict=True)
 
 
 class CounterEntry:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from resumekit import AccumulatedGradients, Checkpointer, CheckpointInfo, DriftPolicy, RestoreResult
@@ -13,7 +13,7 @@ from resumekit.errors import ResumeKitError
 from resumekit.rng import RNGState
 
 from ._data import DataLoaderPosition, UnsupportedDataLoaderError, adopt
-from ._entries import CounterEntry, ModelEntry, unwrapped
+from ._entries import CounterEntry, unwrapped
 
 __all__ = ["AcceleratorCheckpointer", "UnsupportedSetupError"]
 
@@ -187,13 +187,16 @@ class AcceleratorCheckpointer:
         acc = self.accelerator
         state: dict[str, Any] = {"rng": self.rng, "accelerator": CounterEntry(acc)}
         for i, model in enumerate(acc._models):
-            state[_name("model", i)] = ModelEntry(acc, model)
+            # The core stores modules under canonical keys (no DDP ``module.``, no ``_orig_mod.``).
+            state[_name("model", i)] = model
             # Gradients travel with the checkpoint: a save inside an accumulation window resumes the window.
             state[_name("grads", i)] = AccumulatedGradients(unwrapped(acc, model))
         for i, opt in enumerate(acc._optimizers):
             state[_name("optimizer", i)] = opt
         for i, sched in enumerate(acc._schedulers):
-            state[_name("scheduler", i)] = sched
+            # The torch scheduler inside AcceleratedScheduler (same state_dict), so the core sees an
+            # LRScheduler and restores or resets it together with the optimizer.
+            state[_name("scheduler", i)] = getattr(sched, "scheduler", sched)
         if acc.scaler is not None:
             state["scaler"] = acc.scaler
         tracked = [p for p in (self._positions.get(id(dl)) for dl in acc._dataloaders) if p is not None]
@@ -231,7 +234,33 @@ class AcceleratorCheckpointer:
         """
         return self.checkpointer.save(self.state(), step=step)
 
-    def load_state(self, *, step: int | None = None, strict: bool = True) -> RestoreResult | None:
+    def save_state_async(self, *, step: int) -> None:
+        """Like :meth:`save_state`, but return once the state is copied to host memory; write in the background.
+
+        The checkpoint holds the values at the call; training may go on at once. An error surfaces at the
+        next save, :meth:`wait` or :meth:`close`. See :meth:`resumekit.Checkpointer.save_async`.
+
+        Args:
+            step: As for :meth:`save_state`.
+        """
+        self.checkpointer.save_async(self.state(), step=step)
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for an asynchronous save in flight; return what it committed (None if there was none)."""
+        return self.checkpointer.wait()
+
+    def close(self) -> None:
+        """Finish any save in flight. Idempotent."""
+        self.checkpointer.close()
+
+    def load_state(
+        self,
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        only: Iterable[str] | None = None,
+        allow_shape_mismatch: bool = False,
+    ) -> RestoreResult | None:
         """Restore the newest checkpoint that verifies (or ``step``) into the prepared objects, in place.
 
         After it returns, iterating a prepared dataloader continues its saved epoch at the saved sample
@@ -243,6 +272,11 @@ class AcceleratorCheckpointer:
             strict: When False, entries the checkpoint lacks are left as they are (listed in
                 ``RestoreResult.not_restored``): e.g. a checkpoint written by a plain
                 :class:`resumekit.Checkpointer` with only ``"model"`` and ``"optimizer"``.
+            only: Restore just these entries (e.g. ``["model"]``); the optimizer, scheduler and scaler are
+                restored or reset together (see :meth:`resumekit.Checkpointer.restore`). Entry names
+                are listed by :meth:`state`.
+            allow_shape_mismatch: Load every model tensor whose shape fits and keep the rest (listed in
+                ``RestoreResult.skipped_tensors``).
 
         Returns:
             None on a fresh run (no checkpoint), else a :class:`resumekit.RestoreResult`.
@@ -252,7 +286,9 @@ class AcceleratorCheckpointer:
             StateMismatchError: the checkpoint lacks entries (``strict=True``) or they do not fit.
             CheckpointCorruptError: no checkpoint verifies.
         """
-        result = self.checkpointer.restore(self.state(), step=step, strict=strict)
+        result = self.checkpointer.restore(
+            self.state(), step=step, strict=strict, only=only, allow_shape_mismatch=allow_shape_mismatch
+        )
         if result is not None:
             log.info("resumekit_accelerate: restored step %d from %s", result.step, result.url)
         return result

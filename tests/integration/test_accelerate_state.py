@@ -319,3 +319,45 @@ def test_accelerate_checkpoint_loads_into_a_plain_loop(tmp_path: Path) -> None:
     theirs = s["opt"].state_dict()["state"]
     for idx, st in opt.state_dict()["state"].items():
         assert torch.equal(theirs[idx]["momentum_buffer"], st["momentum_buffer"])
+
+
+def test_epoch_sampler_order_is_distributed_samplers_and_a_resume_slices_it() -> None:
+    from torch.utils.data.distributed import DistributedSampler
+
+    from resumekit_accelerate import EpochSampler
+
+    data = CountingDataset()
+    sampler = EpochSampler(data, seed=5, shuffle=True)
+    reference: DistributedSampler[Any] = DistributedSampler(
+        data, num_replicas=1, rank=0, shuffle=True, seed=5
+    )
+    sampler.set_epoch(3)
+    reference.set_epoch(3)
+    full = list(sampler)
+    assert full == list(reference)
+    sampler.pending = (3, 24)  # what a restore sets
+    sampler.set_epoch(3)
+    assert list(sampler) == full[24:]  # nothing before the position is produced
+    assert list(sampler) == full  # the restored position is used once
+    sampler.pending = (3, 24)
+    sampler.set_epoch(4)  # another epoch: the position does not apply
+    assert sampler.pending is None and len(list(sampler)) == N
+
+
+def test_asynchronous_save_holds_the_values_at_the_call(tmp_path: Path) -> None:
+    s = _setup()
+    ckpt = AcceleratorCheckpointer(s["acc"], tmp_path / "run")
+    it = iter(s["dl"])
+    _train_batches(s, it, 2)
+    at_call = {k: v.clone() for k, v in s["acc"].unwrap_model(s["model"]).state_dict().items()}
+    ckpt.save_state_async(step=2)
+    _train_batches(s, it, 2)  # changes the weights while the save may still be writing
+    info = ckpt.wait()
+    assert info is not None and info.step == 2
+    ckpt.close()
+    _reset()
+    s2 = _setup()
+    AcceleratorCheckpointer(s2["acc"], tmp_path / "run").load_state()
+    for k, v in s2["acc"].unwrap_model(s2["model"]).state_dict().items():
+        assert torch.equal(v, at_call[k]), k
+    assert s2["counter"].value == 2
