@@ -361,3 +361,27 @@ def test_asynchronous_save_holds_the_values_at_the_call(tmp_path: Path) -> None:
     for k, v in s2["acc"].unwrap_model(s2["model"]).state_dict().items():
         assert torch.equal(v, at_call[k]), k
     assert s2["counter"].value == 2
+
+
+def test_worker_prefetch_does_not_move_the_saved_position(tmp_path: Path) -> None:
+    def setup() -> tuple[Accelerator, Any]:
+        accelerator = Accelerator(cpu=True)
+        loader = DataLoader(
+            CountingDataset(), batch_size=BATCH, shuffle=True, num_workers=2, prefetch_factor=2
+        )
+        return accelerator, accelerator.prepare(loader)
+
+    acc, dl = setup()
+    ckpt = AcceleratorCheckpointer(acc, tmp_path / "run")
+    it = iter(dl)
+    for _ in range(3):
+        next(it)  # the workers have pulled several batches ahead by now
+    ckpt.save_state(step=3)
+    assert ckpt.position(dl) == (0, 3 * BATCH)
+    rest = [x for x, _ in it]
+    _reset()
+    acc2, dl2 = setup()
+    AcceleratorCheckpointer(acc2, tmp_path / "run").load_state()
+    resumed = [x for x, _ in dl2]
+    assert len(resumed) == len(rest) == N // BATCH - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, resumed))
