@@ -44,8 +44,9 @@ def make_state(step: int) -> dict[str, Any]:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-        model[1].running_mean.copy_(torch.randn(24, generator=gen))
-        model[1].num_batches_tracked.fill_(step)
+        bn: Any = model[1]
+        bn.running_mean.copy_(torch.randn(24, generator=gen))
+        bn.num_batches_tracked.fill_(step)
     meta = {"step": step, "loss": 1.0 / (step + 1), "tokens": torch.arange(step * 10, dtype=torch.int64)}
     return {"model": model, "meta": meta}
 
@@ -155,7 +156,7 @@ class _CountingFile:
 def install(faults: _Faults, root: str) -> None:
     """Patch the OS operations the commit protocol uses; only calls under ``root`` count."""
     real_open, real_fsync = builtins.open, os.fsync
-    real = {"rename": os.rename, "unlink": os.unlink, "rmdir": os.rmdir, "mkdir": os.mkdir}
+    real: dict[str, Any] = {"rename": os.rename, "unlink": os.unlink, "rmdir": os.rmdir, "mkdir": os.mkdir}
     fd_paths: dict[int, str] = {}
 
     def under(path: Any, kwargs: dict[str, Any]) -> bool:
@@ -172,7 +173,7 @@ def install(faults: _Faults, root: str) -> None:
             return _CountingFile(f, faults, rel(file))
         return real_open(file, mode, *args, **kwargs)
 
-    def fsync(fd: int) -> None:
+    def fsync(fd: Any) -> None:
         faults.hit("fsync", fd_paths.get(fd, "<dir>"))
         real_fsync(fd)
 

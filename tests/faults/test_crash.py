@@ -123,7 +123,7 @@ def _run_and_verify(base: Path, jobs: list[dict[str, Any]], expectations: list[d
     found = json.loads((base / "verified.json").read_text())
 
     failures = []
-    for job, exp, got in zip(jobs, expectations, found):
+    for exp, got in zip(expectations, found):
         committed = sorted(exp["committed"])
         want = {
             "steps": committed,
@@ -153,7 +153,8 @@ def test_sigkill_at_every_commit_protocol_operation(crash_dir: Path, trace: list
         assert counts[op] > 0, f"the writer never called {op}: {counts}"
     assert any(str(e[1]).endswith("manifest.json") for e in trace if e[0] == "unlink"), "retention never ran"
 
-    jobs, expectations = [], []
+    jobs: list[dict[str, Any]] = []
+    expectations: list[dict[str, Any]] = []
     for op in KILL_OPS:
         indices = [i for i, e in enumerate(trace) if e[0] == op]
         for n, k in enumerate(indices, start=1):

@@ -318,10 +318,10 @@ def test_invalid_options_are_refused_at_construction(
 
 def test_options_are_keyword_only(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
-        rk.Checkpointer(tmp_path, 3)  # type: ignore[misc]
+        rk.Checkpointer(tmp_path, 3)  # type: ignore[call-arg]
     ckpt = rk.Checkpointer(tmp_path)
     with pytest.raises(TypeError):
-        ckpt.save(_state(0), 1)  # type: ignore[misc]
+        ckpt.save(_state(0), 1)  # type: ignore[call-arg]
 
 
 def test_manifest_records_config_environment_and_files(tmp_path: Path) -> None:

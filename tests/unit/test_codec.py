@@ -140,7 +140,7 @@ def test_float_specials_and_key_types_exactly() -> None:
         "np": [np.float32(1.5), np.int64(-3), np.bool_(True), np.arange(6, dtype=np.uint16).reshape(2, 3)],
         "torch": [torch.float8_e5m2, torch.device("cpu"), torch.Size([2, 0, 3])],
     }
-    state["od"]._metadata = OrderedDict({"": {"version": 2}})
+    state["od"]._metadata = OrderedDict({"": {"version": 2}})  # type: ignore[attr-defined]
     out, _, _ = roundtrip(state)
     assert_identical(state, out)
     assert type(next(iter(out["keys"]))) is int
@@ -327,7 +327,7 @@ def test_real_state_restores_exactly_and_training_continues_identically(
         assert isinstance(opt_sd["state"][0]["step"], torch.Tensor)
     model_sd = original["model"].state_dict()
     assert model_sd["1.num_batches_tracked"].dtype == torch.int64
-    assert "1" in model_sd._metadata  # type: ignore[attr-defined]
+    assert "1" in model_sd._metadata
 
     _train(original, steps=4, seed=2)
     _train(restored, steps=4, seed=2)
