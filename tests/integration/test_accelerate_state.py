@@ -385,3 +385,42 @@ def test_worker_prefetch_does_not_move_the_saved_position(tmp_path: Path) -> Non
     resumed = [x for x, _ in dl2]
     assert len(resumed) == len(rest) == N // BATCH - 3
     assert all(torch.equal(a, b) for a, b in zip(rest, resumed))
+
+
+def test_native_save_state_and_skip_first_batches_resume_another_order_ours_does_not(tmp_path: Path) -> None:
+    """What docs/accelerate.md claims about Accelerate's own resume path (checked on Accelerate 1.15)."""
+    from accelerate.utils import set_seed
+
+    def setup() -> tuple[Accelerator, Any]:
+        accelerator = Accelerator(cpu=True)
+        set_seed(0)
+        return accelerator, accelerator.prepare(DataLoader(CountingDataset(), batch_size=BATCH, shuffle=True))
+
+    acc, dl = setup()
+    it = iter(dl)
+    for _ in range(3):
+        next(it)
+    acc.save_state(str(tmp_path / "native"))
+    rest = [x for x, _ in it]
+    _reset()
+    acc, dl = setup()
+    acc.load_state(str(tmp_path / "native"))
+    native = [x for x, _ in acc.skip_first_batches(dl, 3)]
+    assert len(native) == len(rest)
+    assert not all(torch.equal(a, b) for a, b in zip(rest, native)), (
+        "Accelerate's own resume now continues the interrupted order; update docs/accelerate.md"
+    )
+    _reset()
+
+    acc, dl = setup()
+    ckpt = AcceleratorCheckpointer(acc, tmp_path / "ours")
+    it = iter(dl)
+    for _ in range(3):
+        next(it)
+    ckpt.save_state(step=3)
+    rest = [x for x, _ in it]
+    _reset()
+    acc, dl = setup()
+    AcceleratorCheckpointer(acc, tmp_path / "ours").load_state()
+    ours = [x for x, _ in dl]
+    assert len(ours) == len(rest) and all(torch.equal(a, b) for a, b in zip(rest, ours))
