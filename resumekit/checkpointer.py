@@ -8,43 +8,28 @@ import logging
 import os
 import sys
 import time
-import uuid
 import warnings
-from collections.abc import Iterable, Mapping, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import crc32c
 import torch
 
 from . import _retention
 from ._async import BackgroundSave, StagingPool
-from ._codec import TensorTable, decode, encode
 from ._dist import World, current_world
+from ._entries import Item, check_step, items_of
 from ._env import collect_environment, resumekit_version
-from ._keys import load_canonical
-from ._manifest import (
-    FORMAT_VERSION,
-    SCOPE_RANK,
-    SCOPE_REPLICATED,
-    Entry,
-    FileRecord,
-    Manifest,
-    entry_files,
-    step_dir,
-    validate_entry_name,
-)
-from ._partial import check_only, module_state, optimisation_group, reset_group, scheduler_position
-from ._protocol import TrainingState
-from ._shapes import check_shapes, load_matching
-from ._storage import Stage, Storage, open_storage
-from ._tensorfile import tensors_from_buffer, write_tensors
+from ._manifest import FORMAT_VERSION, SCOPE_RANK, Entry, FileRecord, Manifest, step_dir
+from ._partial import check_only, optimisation_group, reset_group, scheduler_position
+from ._restore import Loaded, apply_entry, load_step
+from ._save import Snapshot, take_snapshot, write
+from ._shapes import check_shapes
+from ._storage import Storage, open_storage
 from .drift import DriftPolicy, DriftReport, compare
 from .errors import (
     CheckpointCorruptError,
     CheckpointNotFoundError,
-    StateMismatchError,
-    StepExistsError,
     StorageError,
     UnsafeCheckpointError,
 )
@@ -90,75 +75,6 @@ class RestoreResult:
     not_restored: tuple[str, ...] = ()
     reset: tuple[str, ...] = ()
     skipped_tensors: tuple[str, ...] = ()
-
-
-@dataclass
-class _Item:
-    name: str
-    obj: Any
-    scope: str
-    kind: str
-    last: bool  # RNG: captured first, restored last
-
-
-@dataclass
-class _Snapshot:
-    """One save's state, captured: encoded skeletons and the tensors to write."""
-
-    step: int
-    writer: str
-    world: World
-    items: list[_Item]
-    t0: float
-    encoded: list[tuple[_Item, bytes, dict[str, torch.Tensor]]] = field(default_factory=list)
-
-
-@dataclass
-class _Loaded:
-    manifest: Manifest
-    values: dict[str, Any] = field(default_factory=dict)
-    absent_rank: list[str] = field(default_factory=list)
-    nbytes: int = 0
-
-
-def _items(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[_Item]:
-    if not isinstance(state, Mapping):
-        raise TypeError(
-            f"state must be a mapping of entry name to object (e.g. {{'model': model}}), got {type(state).__name__}"
-        )
-    items = []
-    for name, obj in state.items():
-        validate_entry_name(name)
-        if isinstance(obj, TrainingState):
-            kind = "state"
-        elif isinstance(obj, MutableMapping):
-            kind = "mapping"
-        else:
-            raise TypeError(
-                f"state entry '{name}' is a {type(obj).__name__}, which has no state_dict()/load_state_dict(). "
-                "Pass an object with both methods, or a dict (restored in place)."
-            )
-        scope = (
-            SCOPE_RANK
-            if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank"
-            else SCOPE_REPLICATED
-        )
-        last = bool(getattr(obj, "resumekit_restore_last", False))
-        items.append(_Item(name, obj, scope, kind, last))
-    # Invariant: RNG state is captured before any other state_dict() and restored after any other
-    # load_state_dict(), so side effects of those calls cannot shift a random stream.
-    items.sort(key=lambda it: not it.last)
-    return items
-
-
-def _check_step(step: Any) -> int:
-    if type(step) is not int or step < 0:
-        raise TypeError(f"step must be a non-negative int, got {step!r}")
-    return step
-
-
-def _crc_hex(crc: int) -> str:
-    return f"{crc & 0xFFFFFFFF:08x}"
 
 
 class Checkpointer:
@@ -262,7 +178,9 @@ class Checkpointer:
             UnsupportedValueError: a state value cannot be stored without pickle.
         """
         self.wait()
-        snap = self._snapshot(state, step, current_world(self._group), None)
+        snap = take_snapshot(
+            self._storage, self.url, state, step, current_world(self._group), None, self.per_rank
+        )
         return self._write(snap)
 
     def save_async(self, state: Mapping[str, Any], *, step: int) -> None:
@@ -288,7 +206,7 @@ class Checkpointer:
             import torch.distributed as dist
 
             self._async_world = World(world.rank, world.size, dist.new_group(backend="gloo"))
-        snap = self._snapshot(state, step, world, self._staging)
+        snap = take_snapshot(self._storage, self.url, state, step, world, self._staging, self.per_rank)
         if self._async_world is not None:
             snap.world = self._async_world
         self._inflight = BackgroundSave(lambda: self._write(snap))
@@ -312,117 +230,26 @@ class Checkpointer:
             except Exception as exc:
                 print(f"resumekit: the background save did not commit: {exc}", file=sys.stderr)
 
-    def _snapshot(
-        self, state: Mapping[str, Any], step: int, world: World, pool: StagingPool | None
-    ) -> _Snapshot:
-        t0 = time.perf_counter()
-        step = _check_step(step)
-        items = _items(state, self.per_rank)
-        plan = world.broadcast_json(
-            {"exists": self._storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
-            if world.rank == 0
-            else None
+    def _write(self, snap: Snapshot) -> CheckpointInfo:
+        """Write and commit a snapshot, then apply retention (rank 0)."""
+        nbytes = write(
+            self._storage,
+            snap,
+            lambda prefix, files: self._manifest(
+                snap.step, snap.writer, prefix, snap.items, files, snap.world
+            ),
         )
-        if plan["exists"]:
-            raise StepExistsError(
-                f"step {step} already exists in '{self.url}'; checkpoints are never overwritten. Save under a "
-                "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
-            )
-        snap = _Snapshot(step, plan["writer"], world, items, t0)
-        error: Exception | None = None
-        try:
-            # Items are ordered RNG first: its state is captured before any other state_dict() runs.
-            for it in items:
-                if it.scope == SCOPE_REPLICATED and world.rank != 0:
-                    continue
-                if isinstance(it.obj, torch.nn.Module):
-                    raw_state: Any = module_state(it.obj)  # canonical keys: loads wrapped or not
-                elif it.kind == "state":
-                    raw_state = it.obj.state_dict()
-                else:
-                    raw_state = dict(it.obj)
-                table = TensorTable()
-                skeleton = json.dumps(encode(raw_state, table), allow_nan=False).encode("utf-8")
-                tensors = pool.copy(it.name, table.tensors) if pool is not None else table.tensors
-                snap.encoded.append((it, skeleton, tensors))
-        except Exception as exc:
-            error = exc
-        # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
-        # forever in a collective of _write).
-        failed = [(r, e) for r, e in enumerate(world.all_gather_json(_describe(error))) if e]
-        if failed:
-            if error is not None:
-                raise error
-            raise StorageError(
-                f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
-                "Nothing was written; earlier checkpoints are intact."
-            )
-        return snap
-
-    def _write(self, snap: _Snapshot) -> CheckpointInfo:
-        world, step = snap.world, snap.step
-        stage: Stage | None = None
-        files: dict[str, FileRecord] = {}
-        local_exc: BaseException | None = None
-        try:
-            stage = self._storage.stage(step, snap.writer)
-            files = self._write_files(stage, snap, world)
-        except Exception as exc:
-            local_exc = exc
-        reports = world.all_gather_json(
-            {"files": {p: [r.size, r.crc32c] for p, r in files.items()}, "error": _describe(local_exc)}
-        )
-        failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"]]
-        if failed:
-            if stage is not None:
-                stage.abort()
-            if local_exc is not None:
-                raise local_exc
-            raise StorageError(
-                f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
-                "Nothing was committed; earlier checkpoints are intact."
-            )
-        commit_error = None
-        if world.rank == 0 and stage is not None:
-            all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r["files"].items()}
-            manifest = self._manifest(step, snap.writer, stage.data_prefix, snap.items, all_files, world)
-            try:
-                stage.commit(manifest.to_json())
-            except Exception as exc:
-                stage.abort()
-                local_exc = exc
-                commit_error = _describe(exc)
-        commit_error = world.broadcast_json(commit_error)
-        if commit_error:
-            if local_exc is not None:
-                raise local_exc
-            raise StorageError(f"rank 0 could not commit step {step}: {commit_error}")
-        if world.rank == 0:
+        if snap.world.rank == 0:
             self._retain()
-        nbytes = sum(size for r in reports for size, _ in r["files"].values())
-        return CheckpointInfo(step, f"{self.url}/{step_dir(step)}", nbytes, time.perf_counter() - snap.t0)
-
-    def _write_files(self, stage: Stage, snap: _Snapshot, world: World) -> dict[str, FileRecord]:
-        files: dict[str, FileRecord] = {}
-        for it, skeleton, tensors in snap.encoded:
-            json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(tensors))
-            with stage.open_write(stage.data_prefix + json_name) as f:
-                f.write(skeleton)
-            files[stage.data_prefix + json_name] = FileRecord(
-                len(skeleton), _crc_hex(crc32c.crc32c(skeleton))
-            )
-            if st_name is not None:
-                with stage.open_write(stage.data_prefix + st_name) as f:
-                    size, crc = write_tensors(f, tensors)
-                files[stage.data_prefix + st_name] = FileRecord(size, _crc_hex(crc))
-        return files
+        url = f"{self.url}/{step_dir(snap.step)}"
+        return CheckpointInfo(snap.step, url, nbytes, time.perf_counter() - snap.t0)
 
     def _manifest(
         self,
         step: int,
         writer: str,
         data_prefix: str,
-        items: list[_Item],
+        items: list[Item],
         files: dict[str, FileRecord],
         world: World,
     ) -> Manifest:
@@ -449,13 +276,12 @@ class Checkpointer:
 
     def _retain(self) -> None:
         try:
-            doomed = _retention.steps_to_delete(
-                self._storage.step_candidates(), keep_last=self.keep_last, keep_every=self.keep_every
-            )
-            committed = set(self.steps())
-            for s in doomed:
-                if s in committed:
-                    self._storage.delete_step(s)
+            # Only committed checkpoints count toward keep_last: an uncommitted folder (a crashed
+            # object-store write) must never evict a real checkpoint.
+            for s in _retention.steps_to_delete(
+                self.steps(), keep_last=self.keep_last, keep_every=self.keep_every
+            ):
+                self._storage.delete_step(s)
             self._storage.cleanup(self.orphan_grace_seconds)
         except Exception as exc:  # the new checkpoint is committed; a failed clean-up must not hide that
             warnings.warn(
@@ -507,7 +333,7 @@ class Checkpointer:
             ValueError: ``only=`` splits the optimizer/scaler/scheduler group.
         """
         self.wait()
-        items = _items(state, self.per_rank)
+        items = items_of(state, self.per_rank)
         chosen = check_only(state, only) if only is not None else frozenset(state)
         group_reset = [n for n in optimisation_group(state) if n not in chosen]
         # A reset scheduler is moved to its saved position, so its saved state is read (not loaded).
@@ -517,19 +343,19 @@ class Checkpointer:
             self._storage.step_candidates() if world.rank == 0 else None
         )
         if step is not None:
-            _check_step(step)
+            check_step(step)
             if step not in candidates or self._storage.read_manifest(step) is None:
                 raise CheckpointNotFoundError(
                     f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {self.steps()}"
                 )
             candidates = [step]
         skipped: list[tuple[int, str]] = []
-        loaded: _Loaded | None = None
+        loaded: Loaded | None = None
         for s in reversed(candidates):
-            result: _Loaded | None = None
+            result: Loaded | None = None
             reason = ""
             try:
-                result = self._load_step(s, wanted, world, strict)
+                result = load_step(self._storage, self.url, s, wanted, world, strict)
             except (CheckpointCorruptError, UnsafeCheckpointError, StorageError) as exc:
                 reason = str(exc)
             reasons = world.all_gather_json(reason)
@@ -595,7 +421,7 @@ class Checkpointer:
             if it.last and (i == 0 or not ordered[i - 1].last):
                 self._reset(state, group_reset, loaded)
             if it.name in values:
-                skipped_tensors.extend(_apply(it, values[it.name], allow_shape_mismatch))
+                skipped_tensors.extend(apply_entry(it, values[it.name], allow_shape_mismatch))
         if not any(it.last for it in ordered):
             self._reset(state, group_reset, loaded)
         not_restored = tuple(
@@ -616,72 +442,9 @@ class Checkpointer:
         )
 
     @staticmethod
-    def _reset(state: Mapping[str, Any], group: list[str], loaded: _Loaded) -> None:
+    def _reset(state: Mapping[str, Any], group: list[str], loaded: Loaded) -> None:
         if group:
             reset_group(state, group, {n: scheduler_position(loaded.values.get(n, {})) for n in group})
-
-    def _load_step(self, step: int, items: list[_Item], world: World, strict: bool) -> _Loaded | None:
-        where = f"{self.url}/{step_dir(step)}"
-        raw = self._storage.read_manifest(step)
-        if raw is None:
-            return None
-        m = Manifest.from_json(raw, f"{where}/manifest.json")
-        if m.step != step:
-            raise CheckpointCorruptError(
-                f"{where}: manifest says step {m.step}; the folder was renamed or copied"
-            )
-        missing = [it.name for it in items if it.name not in m.entries]
-        if missing and strict:
-            raise StateMismatchError(
-                f"checkpoint step {step} in '{self.url}' has no entries {missing} (it has {sorted(m.entries)}). "
-                "Restore with strict=False to leave those entries as they are, or remove them from state."
-            )
-        out = _Loaded(m)
-        for it in items:
-            entry = m.entries.get(it.name)
-            if entry is None:
-                continue
-            rank = world.rank if entry.scope == SCOPE_RANK else 0
-            if rank not in entry.ranks:
-                out.absent_rank.append(it.name)
-                continue
-            json_name, st_name = entry_files(it.name, entry.scope, rank, True)
-            json_name, st_name = m.data_prefix + json_name, m.data_prefix + (st_name or "")
-            try:
-                skeleton = json.loads(self._read_verified(step, m, json_name, where))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
-            tensors: dict[str, torch.Tensor] = {}
-            if st_name in m.files:
-                tensors = tensors_from_buffer(
-                    self._read_verified(step, m, st_name, where), f"{where}/{st_name}"
-                )
-
-            def lookup(
-                name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}"
-            ) -> torch.Tensor:
-                try:
-                    return _t[name]
-                except KeyError:
-                    raise CheckpointCorruptError(
-                        f"{_w} has no tensor '{name}' the skeleton refers to"
-                    ) from None
-
-            out.values[it.name] = decode(skeleton, lookup, it.name)
-        return out
-
-    def _read_verified(self, step: int, m: Manifest, relpath: str, where: str) -> bytearray:
-        rec = m.files.get(relpath)
-        if rec is None:
-            raise CheckpointCorruptError(f"{where}: manifest does not list '{relpath}'")
-        buf = self._storage.read_file(step, relpath, rec.size)
-        actual = _crc_hex(crc32c.crc32c(buf))
-        if actual != rec.crc32c:
-            raise CheckpointCorruptError(
-                f"{where}/{relpath}: crc32c {actual} does not match the manifest's {rec.crc32c}; "
-                "the file was corrupted after it was written (disk, transfer or a manual edit)."
-            )
-        return buf
 
     # -- context manager ----------------------------------------------------------------------------
 
@@ -697,23 +460,3 @@ class Checkpointer:
             self.wait()
         finally:
             self._staging.clear()
-
-
-def _apply(it: _Item, value: Any, allow_shape_mismatch: bool) -> list[str]:
-    """Load one entry's decoded state into its object; return module tensors skipped for shape."""
-    if isinstance(it.obj, torch.nn.Module):
-        if allow_shape_mismatch:
-            return list(load_matching(it.obj, value).skipped)
-        load_canonical(it.obj, value)
-    elif it.kind == "state":
-        it.obj.load_state_dict(value)
-    else:
-        it.obj.clear()
-        it.obj.update(value)
-    return []
-
-
-def _describe(exc: BaseException | None) -> str | None:
-    if exc is None:
-        return None
-    return f"{type(exc).__name__}: {exc}"

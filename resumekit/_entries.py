@@ -1,0 +1,83 @@
+"""The user's state as entries: names, scopes, kinds and the capture/restore order."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._manifest import SCOPE_RANK, SCOPE_REPLICATED, validate_entry_name
+from ._protocol import TrainingState
+
+__all__ = ["Item", "check_step", "crc_hex", "describe", "items_of"]
+
+
+@dataclass
+class Item:
+    """One top-level entry of the user's state."""
+
+    name: str
+    obj: Any
+    scope: str
+    kind: str
+    last: bool  # RNG: captured first, restored last
+
+
+def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
+    """Classify the entries of ``state``; RNG-like entries (``resumekit_restore_last``) come first."""
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"state must be a mapping of entry name to object (e.g. {{'model': model}}), got {type(state).__name__}"
+        )
+    items = []
+    for name, obj in state.items():
+        validate_entry_name(name)
+        if isinstance(obj, TrainingState):
+            kind = "state"
+        elif isinstance(obj, MutableMapping):
+            kind = "mapping"
+        else:
+            raise TypeError(
+                f"state entry '{name}' is a {type(obj).__name__}, which has no state_dict()/load_state_dict(). "
+                "Pass an object with both methods, or a dict (restored in place)."
+            )
+        scope = (
+            SCOPE_RANK
+            if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank"
+            else SCOPE_REPLICATED
+        )
+        last = bool(getattr(obj, "resumekit_restore_last", False))
+        items.append(Item(name, obj, scope, kind, last))
+    # Invariant: RNG state is captured before any other state_dict() and restored after any other
+    # load_state_dict(), so side effects of those calls cannot shift a random stream.
+    items.sort(key=lambda it: not it.last)
+    return items
+
+
+def _check_step(step: Any) -> int:
+    if type(step) is not int or step < 0:
+        raise TypeError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def _crc_hex(crc: int) -> str:
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def check_step(step: Any) -> int:
+    """Validate a step number: a non-negative int (bool refused)."""
+    if type(step) is not int or step < 0:
+        raise TypeError(f"step must be a non-negative int, got {step!r}")
+    return step
+
+
+def crc_hex(crc: int) -> str:
+    """A crc32c as the manifest spells it."""
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def describe(exc: BaseException | None) -> str | None:
+    """``"Type: message"`` of an exception, for collectives and messages; None for None."""
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}"

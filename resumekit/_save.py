@@ -1,0 +1,163 @@
+"""The save path: capture the state (snapshot), write its files on every rank, commit from rank 0."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import crc32c
+import torch
+
+from ._async import StagingPool
+from ._codec import TensorTable, encode
+from ._dist import World
+from ._entries import Item, check_step, crc_hex, describe, items_of
+from ._manifest import SCOPE_REPLICATED, FileRecord, Manifest, entry_files
+from ._partial import module_state
+from ._storage import Stage, Storage
+from ._tensorfile import write_tensors
+from .errors import StepExistsError, StorageError
+
+__all__ = ["Snapshot", "take_snapshot", "write"]
+
+
+@dataclass
+class Snapshot:
+    """One save's state, captured: encoded skeletons and the tensors to write."""
+
+    step: int
+    writer: str
+    world: World
+    items: list[Item]
+    t0: float
+    encoded: list[tuple[Item, bytes, dict[str, torch.Tensor]]] = field(default_factory=list)
+
+
+def take_snapshot(
+    storage: Storage,
+    url: str,
+    state: Mapping[str, Any],
+    step: int,
+    world: World,
+    pool: StagingPool | None,
+    per_rank: frozenset[str],
+) -> Snapshot:
+    """Capture ``state`` for checkpoint ``step``: validate, agree on a writer id, encode every entry.
+
+    With ``pool``, tensors are copied into host staging buffers (the async path: the snapshot holds
+    the values of this moment); without, they are referenced in place and streamed by :func:`write`.
+    Every rank raises together if any rank failed.
+    """
+    t0 = time.perf_counter()
+    step = check_step(step)
+    items = items_of(state, per_rank)
+    plan = world.broadcast_json(
+        {"exists": storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
+        if world.rank == 0
+        else None
+    )
+    if plan["exists"]:
+        raise StepExistsError(
+            f"step {step} already exists in '{url}'; checkpoints are never overwritten. Save under a "
+            "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
+        )
+    snap = Snapshot(step, plan["writer"], world, items, t0)
+    error: Exception | None = None
+    try:
+        # Items are ordered RNG first: its state is captured before any other state_dict() runs.
+        for it in items:
+            if it.scope == SCOPE_REPLICATED and world.rank != 0:
+                continue
+            if isinstance(it.obj, torch.nn.Module):
+                raw_state: Any = module_state(it.obj)  # canonical keys: loads wrapped or not
+            elif it.kind == "state":
+                raw_state = it.obj.state_dict()
+            else:
+                raw_state = dict(it.obj)
+            table = TensorTable()
+            skeleton = json.dumps(encode(raw_state, table), allow_nan=False).encode("utf-8")
+            tensors = pool.copy(it.name, table.tensors) if pool is not None else table.tensors
+            snap.encoded.append((it, skeleton, tensors))
+    except Exception as exc:
+        error = exc
+    # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
+    # forever in a collective of _write).
+    failed = [(r, e) for r, e in enumerate(world.all_gather_json(describe(error))) if e]
+    if failed:
+        if error is not None:
+            raise error
+        raise StorageError(
+            f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
+            "Nothing was written; earlier checkpoints are intact."
+        )
+    return snap
+
+
+def write(
+    storage: Storage, snap: Snapshot, make_manifest: Callable[[str, dict[str, FileRecord]], Manifest]
+) -> int:
+    """Write a snapshot's files on every rank, then commit the manifest from rank 0.
+
+    Returns:
+        The bytes written across all ranks.
+
+    Raises:
+        The local failure on the rank where it happened; StorageError naming the failing ranks elsewhere.
+        Nothing is visible after a failure.
+    """
+    world, step = snap.world, snap.step
+    stage: Stage | None = None
+    files: dict[str, FileRecord] = {}
+    local_exc: BaseException | None = None
+    try:
+        stage = storage.stage(step, snap.writer)
+        files = _write_files(stage, snap, world)
+    except Exception as exc:
+        local_exc = exc
+    reports = world.all_gather_json(
+        {"files": {p: [r.size, r.crc32c] for p, r in files.items()}, "error": describe(local_exc)}
+    )
+    failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"]]
+    if failed:
+        if stage is not None:
+            stage.abort()
+        if local_exc is not None:
+            raise local_exc
+        raise StorageError(
+            f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
+            "Nothing was committed; earlier checkpoints are intact."
+        )
+    commit_error = None
+    if world.rank == 0 and stage is not None:
+        all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r["files"].items()}
+        manifest = make_manifest(stage.data_prefix, all_files)
+        try:
+            stage.commit(manifest.to_json())
+        except Exception as exc:
+            stage.abort()
+            local_exc = exc
+            commit_error = describe(exc)
+    commit_error = world.broadcast_json(commit_error)
+    if commit_error:
+        if local_exc is not None:
+            raise local_exc
+        raise StorageError(f"rank 0 could not commit step {step}: {commit_error}")
+    return sum(size for r in reports for size, _ in r["files"].values())
+
+
+def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRecord]:
+    files: dict[str, FileRecord] = {}
+    for it, skeleton, tensors in snap.encoded:
+        json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(tensors))
+        with stage.open_write(stage.data_prefix + json_name) as f:
+            f.write(skeleton)
+        files[stage.data_prefix + json_name] = FileRecord(len(skeleton), crc_hex(crc32c.crc32c(skeleton)))
+        if st_name is not None:
+            with stage.open_write(stage.data_prefix + st_name) as f:
+                size, crc = write_tensors(f, tensors)
+            files[stage.data_prefix + st_name] = FileRecord(size, crc_hex(crc))
+    return files
