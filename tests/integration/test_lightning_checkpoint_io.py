@@ -9,24 +9,25 @@ from typing import Any
 
 import pytest
 
-pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("lightning")
 
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from resumekit import Checkpointer, DriftPolicy  # noqa: E402
-from resumekit.errors import (  # noqa: E402
+from resumekit import Checkpointer, DriftPolicy
+from resumekit.errors import (
     CheckpointNotFoundError,
     DriftError,
     UnsafeCheckpointError,
     UnsupportedValueError,
 )
-from resumekit.rng import RNGState  # noqa: E402
-from resumekit_lightning import ResumeKit, ResumeKitCheckpointIO, load_checkpoint  # noqa: E402
-from resumekit_lightning._gather import pack, unpack  # noqa: E402
-from resumekit_lightning._layout import from_entries, to_entries  # noqa: E402
+from resumekit.rng import RNGState
+from resumekit_lightning import ResumeKit, ResumeKitCheckpointIO, load_checkpoint
+from resumekit_lightning._gather import pack, unpack
+from resumekit_lightning._layout import from_entries, to_entries
 
 pytestmark = pytest.mark.lightning
 
@@ -145,7 +146,7 @@ def test_checkpoint_dict_round_trips_with_lists_and_hparams(tmp_path: Path) -> N
     opt_states = [
         {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     ] * 2
-    ckpt = {
+    ckpt: dict[str, Any] = {
         "epoch": 1,
         "global_step": 7,
         "state_dict": {"w": torch.arange(3.0)},
@@ -267,7 +268,9 @@ def test_rng_record_survives_the_pickle_free_gather_encoding() -> None:
     back = unpack(pack(record))
     rng = RNGState({"g": torch.Generator()})
     rng.load_state_dict(back)
-    assert torch.equal(rng.generators["g"].get_state(), gen.get_state())
+    restored = rng.generators["g"]
+    assert isinstance(restored, torch.Generator)
+    assert torch.equal(restored.get_state(), gen.get_state())
     assert torch.equal(back["torch_cpu"], record["torch_cpu"])
 
 

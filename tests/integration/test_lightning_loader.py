@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytest.importorskip("lightning")
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.lightning
 
 
 def _loader(num_workers: int = 0) -> StatefulLoader[torch.Tensor]:
-    data = torch.arange(22)
+    data: Any = torch.arange(22)  # a tensor is a map-style dataset of its rows
     return StatefulLoader(
         DataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=7), num_workers=num_workers)
     )

@@ -44,6 +44,10 @@ def _script(out: Path, kill_at: int, resume: bool, devices: int) -> None:
             self.save_hyperparameters()
             self.net = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, 1))
 
+        def setup(self, stage: str) -> None:
+            # Each rank draws its own dropout masks: restoring rank 0's streams on every rank would show.
+            torch.manual_seed(17 + self.global_rank)
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             loss = nn.functional.mse_loss(self.net(x), y)
