@@ -424,3 +424,19 @@ def test_native_save_state_and_skip_first_batches_resume_another_order_ours_does
     AcceleratorCheckpointer(acc, tmp_path / "ours").load_state()
     ours = [x for x, _ in dl]
     assert len(ours) == len(rest) and all(torch.equal(a, b) for a, b in zip(rest, ours))
+
+
+def test_position_saved_by_two_processes_continues_at_the_same_global_sample_in_one(tmp_path: Path) -> None:
+    from resumekit.sampler import epoch_order
+
+    s = _setup()
+    position = AcceleratorCheckpointer(s["acc"], tmp_path / "run").state()["dataloader"]
+    # What two processes with 4 samples each write after consuming one batch each of epoch 2.
+    saved = {"format": 1, "epoch": 2, "consumed": 8, "seed": 0, "shuffle": True, "dataset_length": N}
+    position.load_state_dict(
+        {**saved, "batch_size": BATCH, "total_batch_size": 2 * BATCH, "num_processes": 2}
+    )
+    unseen = epoch_order(0, 2, N, True)[8:]
+    got = torch.cat([x for x, _ in s["dl"]])
+    assert torch.equal(got, s["ds"].x[unseen])
+    assert s["dl"].iteration == 3
