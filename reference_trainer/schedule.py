@@ -57,7 +57,8 @@ class StopBudget:
 
     The time budget stops **before** it runs out: the next piece of work (a micro-batch, plus
     validation if the epoch ends with it) and a checkpoint must still fit. Their durations are
-    estimated by the slowest seen so far, with a margin. At least one micro-batch is trained per
+    estimated by the slowest seen so far, with a margin, plus a reserve for writing the history and the
+    plot. At least one micro-batch is trained per
     invocation, so resubmissions always make progress.
     """
 
@@ -68,13 +69,15 @@ class StopBudget:
     slowest_micro: float = 0.0
     slowest_save: float = 0.5
     slowest_validation: float = 0.0
+    #: Seconds kept for what follows the last checkpoint: history.json and the plot (matplotlib's import).
+    finish_reserve: float = 2.0
 
     def reason(self, now: float, *, epoch_ends_next: bool) -> Optional[str]:
         """Why to stop now, or None to go on."""
         if self.max_micro is not None and self.trained >= self.max_micro:
             return "max-epochs-per-run"
         if self.seconds is not None and self.trained > 0:
-            need = 1.5 * (self.slowest_micro + self.slowest_save) + 0.25
+            need = 1.5 * (self.slowest_micro + self.slowest_save) + self.finish_reserve
             if epoch_ends_next:
                 need += 1.5 * self.slowest_validation
             if now - self.started + need >= self.seconds:

@@ -122,13 +122,18 @@ class Run:
         # False until the history is this run's (restored or fresh): before that, a failure must not
         # overwrite the history.json an earlier invocation wrote.
         self._history_live = False
+        self._ready = False
         self.progress = _new_progress()
         self.last_saved: Optional[int] = None
         self.budget = StopBudget(None, cfg.time_budget, started)
 
     # -- setup -------------------------------------------------------------------------------------
 
-    def _build(self) -> None:
+    def setup(self) -> None:
+        """Build the data, model, optimizer, loaders and checkpointer (idempotent; no checkpoint is read)."""
+        if self._ready:
+            return
+        self._ready = True
         cfg, pl = self.cfg, self.placement
         data = SyntheticProfiles(cfg.num_samples, cfg.num_features, seed=cfg.seed)
         # Field lesson: the split is a pure function of the seed, identical on every rank and resume.
@@ -225,7 +230,7 @@ class Run:
             UsageError: ``--resume-from`` names nothing usable, or ``none`` with existing checkpoints.
             ResumeKitError: A checkpoint could not be restored (corrupt, drift error, mismatch).
         """
-        self._build()
+        self.setup()
         self._announce()
         restored = restore_state(self.cfg.resume_from, self.state, self.ckpt, self.cfg.training_config())
         p = self.progress
