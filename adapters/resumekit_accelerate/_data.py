@@ -162,7 +162,10 @@ class DataLoaderPosition:
             return self.sampler.pending
         if self._epoch is not None and iteration == self._epoch:
             consumed = min(length, self._start + self._count * self.total_batch_size)
-            if consumed >= length:  # the pass's last batch was consumed: the next one opens the next epoch
+            batches_done = self._start // self.total_batch_size + self._count
+            # After the pass's last batch the next one opens the next epoch. With drop_last the samples
+            # left over never make a batch, so the batch count decides, not the sample count.
+            if consumed >= length or batches_done >= len(self.dataloader):
                 return self._epoch + 1, 0
             return self._epoch, consumed
         return iteration, 0

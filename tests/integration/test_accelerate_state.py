@@ -440,3 +440,16 @@ def test_position_saved_by_two_processes_continues_at_the_same_global_sample_in_
     got = torch.cat([x for x, _ in s["dl"]])
     assert torch.equal(got, s["ds"].x[unseen])
     assert s["dl"].iteration == 3
+
+
+def test_with_drop_last_the_last_full_batch_ends_the_epoch(tmp_path: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    dl = accelerator.prepare(
+        DataLoader(CountingDataset(N + 2), batch_size=BATCH, shuffle=True, drop_last=True)
+    )
+    ckpt = AcceleratorCheckpointer(accelerator, tmp_path / "run")
+    it = iter(dl)
+    for _ in range(N // BATCH):
+        next(it)
+    # Two samples are left over, but no batch: the next batch the loop receives is epoch 1's first.
+    assert ckpt.position(dl) == (1, 0)
