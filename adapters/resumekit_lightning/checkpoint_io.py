@@ -154,6 +154,7 @@ class ResumeKitCheckpointIO(CheckpointIO):
             path: A checkpoint folder (a file left by another CheckpointIO is removed as well).
         """
         fs, p = url_to_fs(_url(path), **(self.storage_options or {}))
+        fs.invalidate_cache(p)  # listings cached by an earlier call must not hide or invent files
         if not fs.exists(p):
             return
         if not fs.isdir(p):
