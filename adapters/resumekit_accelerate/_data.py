@@ -121,6 +121,7 @@ class DataLoaderPosition:
     Args:
         dataloader: The prepared ``DataLoaderShard``.
         sampler: The :class:`EpochSampler` installed in it.
+        batch_size: Samples per batch of the user's ``BatchSampler`` (before Accelerate shards it).
         total_batch_size: Global samples the loop consumes per batch (Accelerate's ``total_batch_size``).
         num_processes: Processes sharing the dataloader.
     """
@@ -198,8 +199,9 @@ class DataLoaderPosition:
             raise StateMismatchError(
                 f"resumekit_accelerate: the checkpoint is at sample {s['consumed']} of epoch {s['epoch']} of a "
                 f"dataset of length {s['dataset_length']}, but the prepared dataloader's dataset has length "
-                f"{length}. Restore with the dataset the checkpoint was written with, or start the next epoch "
-                f"on the new data (dataloader.set_epoch({s['epoch'] + 1}) after restoring)."
+                f"{length}. Restore with the dataset the checkpoint was written with, or leave this dataloader "
+                "out (load_state(only=[...]) listing the other entries of ckpt.state()) and start the next "
+                f"epoch on the new data with dataloader.set_epoch({s['epoch'] + 1})."
             )
         if s["consumed"] % self.batch_size:
             raise StateMismatchError(

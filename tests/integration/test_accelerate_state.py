@@ -453,3 +453,14 @@ def test_with_drop_last_the_last_full_batch_ends_the_epoch(tmp_path: Path) -> No
         next(it)
     # Two samples are left over, but no batch: the next batch the loop receives is epoch 1's first.
     assert ckpt.position(dl) == (1, 0)
+
+
+def test_a_dataset_that_changed_length_mid_epoch_is_an_error_naming_both_lengths(tmp_path: Path) -> None:
+    s = _setup()
+    ckpt = AcceleratorCheckpointer(s["acc"], tmp_path / "run")
+    _train_batches(s, iter(s["dl"]), 2)
+    ckpt.save_state(step=2)
+    _reset()
+    s2 = _setup(CountingDataset(N + 4))
+    with pytest.raises(rk.errors.StateMismatchError, match=f"length {N}, but .* has length {N + 4}"):
+        AcceleratorCheckpointer(s2["acc"], tmp_path / "run").load_state()
