@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(cfg: object, signals: StopSignals, started: float) -> int:
     # Heavy imports (torch, resumekit) happen here, after the flags were checked and the handlers set.
     from reference_trainer.config import PretrainConfig
-    from reference_trainer.devices import resolve_placement, shutdown
+    from reference_trainer.devices import barrier, resolve_placement, shutdown
     from reference_trainer.train import Run
 
     if not isinstance(cfg, PretrainConfig):
@@ -68,6 +68,8 @@ def _run(cfg: object, signals: StopSignals, started: float) -> int:
         configure_logging(placement.rank)
         run = Run(cfg, placement, signals, started)
         result = run.execute()
+        # torchrun tears the job down as soon as one worker exits non-zero: leave together.
+        barrier(placement)
         return EXIT_COMPLETE if result.complete else EXIT_TEMPFAIL
     except UsageError as exc:
         log.error("%s", exc)

@@ -20,7 +20,7 @@ from torch import nn
 
 from reference_trainer.config import PretrainConfig, UsageError
 
-__all__ = ["Placement", "agree", "resolve_placement", "shutdown", "wrap_model"]
+__all__ = ["Placement", "agree", "barrier", "resolve_placement", "shutdown", "wrap_model"]
 
 log = logging.getLogger("reference_trainer")
 
@@ -151,6 +151,12 @@ def agree(flag: bool, placement: Placement) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=placement.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def barrier(placement: Placement) -> None:
+    """Wait until every rank got here (so no rank exits while rank 0 still writes the outputs)."""
+    if placement.mode == "ddp" and dist.is_initialized():
+        dist.barrier()
 
 
 def shutdown(placement: Placement) -> None:
