@@ -288,3 +288,14 @@ def test_failed_first_save_leaves_no_checkpoint_path(tmp_path: Path) -> None:
     io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert _steps(tmp_path / "last.ckpt") == [f"step-{4:012d}"]
+
+
+def test_save_last_link_points_at_a_checkpoint_folder(tmp_path: Path) -> None:
+    mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last="link", every_n_train_steps=3, save_top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trainer(tmp_path, [ResumeKit(), mc], max_epochs=1)
+        trainer.fit(Lit())
+    link = tmp_path / "ckpt" / "last.ckpt"
+    assert link.is_symlink() and (link.parent / link.readlink()).is_dir()
+    assert load_checkpoint(link)["global_step"] == trainer.global_step == 6
