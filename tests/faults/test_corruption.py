@@ -180,7 +180,9 @@ def test_flipped_tensor_bit_loads_silently_in_safetensors_but_not_in_resumekit(r
     path.write_bytes(bytes(raw))
     damaged = load_file(str(path))  # the library has no checksum: it loads without a word
     assert set(damaged) == set(clean)
-    differing = [k for k in clean if not torch.equal(clean[k].view(torch.uint8), damaged[k].view(torch.uint8))]
+    differing = [
+        k for k in clean if not torch.equal(clean[k].view(torch.uint8), damaged[k].view(torch.uint8))
+    ]
     assert len(differing) == 1
     message = _restore_expecting_fallback(root, "model.safetensors")
     assert "crc32c" in message
