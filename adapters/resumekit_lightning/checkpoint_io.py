@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import lightning
 import torch.distributed as dist
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -140,8 +141,6 @@ class ResumeKitCheckpointIO(CheckpointIO):
             )
         self.last_restore = result
         values = {name: h.value for name, h in holders.items() if name not in result.not_restored}
-        import lightning
-
         return from_entries(values, lightning_version=lightning.__version__)
 
     def remove_checkpoint(self, path: Any) -> None:
