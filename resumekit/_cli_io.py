@@ -341,6 +341,15 @@ class Root:
         Raises:
             CheckpointCorruptError: missing, wrong size or wrong checksum.
         """
+        # Sizes come from the manifest: check the real size before allocating a buffer of that size.
+        real = self.actual_size(step, relpath)
+        if real is None:
+            raise CheckpointCorruptError(f"'{self.where(step, relpath)}' is missing; the manifest lists it.")
+        if real != size:
+            raise CheckpointCorruptError(
+                f"'{self.where(step, relpath)}' is {real} bytes, the manifest says {size}; "
+                f"run `resumekit verify {self.url}` to list every damaged file."
+            )
         buf = self.storage.read_file(step, relpath, size)
         actual = f"{crc32c.crc32c(buf) & 0xFFFFFFFF:08x}"
         if actual != crc:

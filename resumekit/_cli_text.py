@@ -77,18 +77,18 @@ def render_ls(d: dict[str, Any]) -> str:
     rows = [
         [
             r["step"],
-            _status(r),
             r["files"],
             human_bytes(r["bytes"]),
             human_age(r["age_seconds"]),
             r["world_size"],
             ", ".join(r["entries"]) if r["entries"] is not None else None,
+            _status(r),  # last: a reason can be long without pushing other columns apart
         ]
         for r in d["steps"]
     ]
     ok = sum(r["status"] == "ok" for r in d["steps"])
     head = f"{d['url']}: {ok} committed, {len(d['steps']) - ok} other"
-    return head + "\n" + table(["STEP", "STATUS", "FILES", "SIZE", "AGE", "WORLD", "ENTRIES"], rows)
+    return head + "\n" + table(["STEP", "FILES", "SIZE", "AGE", "WORLD", "ENTRIES", "STATUS"], rows)
 
 
 def render_inspect(d: dict[str, Any]) -> str:
@@ -153,7 +153,9 @@ def render_verify(d: dict[str, Any]) -> str:
         if s["ok"]:
             out.append(f"step {s['step']}: ok ({s['files']} files, {human_bytes(s['bytes'])})")
             continue
-        out.append(f"step {s['step']}: FAILED ({len(s['problems'])} bad file(s) of {s['files']})")
+        out.append(
+            f"step {s['step']}: FAILED ({len(s['problems'])} problem(s), {s['files']} file(s) checked)"
+        )
         out.append(
             table(
                 ["PROBLEM", "FILE", "DETAIL"],
