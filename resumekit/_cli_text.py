@@ -74,6 +74,7 @@ def _status(row: dict[str, Any]) -> str:
 
 
 def render_ls(d: dict[str, Any]) -> str:
+    """The ``ls`` table: one row a step folder, status last."""
     rows = [
         [
             r["step"],
@@ -92,6 +93,7 @@ def render_ls(d: dict[str, Any]) -> str:
 
 
 def render_inspect(d: dict[str, Any]) -> str:
+    """The ``inspect`` report: manifest facts, entries, tensors per file, environment, config."""
     out = [
         table(
             ["CHECKPOINT", d["path"]],
@@ -148,6 +150,7 @@ def _shape(shape: list[int] | None) -> str:
 
 
 def render_verify(d: dict[str, Any]) -> str:
+    """The ``verify`` report: one line a good step, a table of problems for a bad one."""
     out = []
     for s in d["steps"]:
         if s["ok"]:
@@ -187,6 +190,7 @@ def _entry_label(c: dict[str, Any]) -> str:
 
 
 def render_diff(d: dict[str, Any]) -> str:
+    """The ``diff`` report: entries, changed tensors, values, config, environment."""
     e = d["entries"]
     out = [f"A  {_side(d['a'])}", f"B  {_side(d['b'])}", ""]
     if e["added"] or e["removed"]:
@@ -227,6 +231,7 @@ def render_diff(d: dict[str, Any]) -> str:
 
 
 def render_drift(d: dict[str, Any]) -> str:
+    """The ``drift`` report: a table of items, then every message."""
     out = [f"checkpoint {d['path']} against this machine"]
     if not d["config_compared"]:
         out.append("config not compared (pass --config FILE.json with the config you would resume with)")

@@ -28,6 +28,7 @@ from typing import Any
 
 from ._cli_io import CliError, Root, jsonable, parse_storage_options, split_target
 from ._manifest import MANIFEST, parse_step_dir
+from .drift import DriftPolicy
 from .errors import ResumeKitError
 
 __all__ = ["main"]
@@ -180,9 +181,7 @@ def _read_config(path: str | None) -> dict[str, Any] | None:
     return config
 
 
-def _policy(pairs: list[str]) -> Any:
-    from .drift import DriftPolicy
-
+def _policy(pairs: list[str]) -> DriftPolicy:
     overrides = {}
     for pair in pairs:
         key, sep, severity = pair.partition("=")
