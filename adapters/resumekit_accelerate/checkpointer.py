@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
@@ -23,8 +24,9 @@ log = logging.getLogger("resumekit.accelerate")
 _SUPPORTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_XPU",
               "MULTI_HPU", "MULTI_NEURON"}  # fmt: skip
 # Entry names this adapter writes; user extras may not reuse them.
-_RESERVED_PREFIXES = ("model", "grads", "optimizer", "scheduler", "dataloader", "custom_")
-_RESERVED = {"rng", "accelerator", "scaler"}
+_RESERVED = re.compile(
+    r"^(?:(?:model|grads|optimizer|scheduler|dataloader)(?:_\d+)?|custom_\d+|rng|accelerator|scaler)$"
+)
 
 
 class UnsupportedSetupError(ResumeKitError, ValueError):
@@ -119,10 +121,11 @@ class AcceleratorCheckpointer:
         self.data_seed = int(data_seed) if data_seed is not None else 0
         self.extra_state: dict[str, Any] = dict(extra_state or {})
         for name in self.extra_state:
-            if name in _RESERVED or any(name.startswith(p) for p in _RESERVED_PREFIXES):
+            if _RESERVED.match(name):
                 raise ValueError(
-                    f"extra_state entry {name!r} collides with the names resumekit_accelerate uses "
-                    f"({sorted(_RESERVED)} and names starting with {list(_RESERVED_PREFIXES)}); rename it."
+                    f"extra_state entry {name!r} collides with a name resumekit_accelerate uses (rng, "
+                    "accelerator, scaler, model, grads, optimizer, scheduler, dataloader, each optionally "
+                    "with _<n>, and custom_<n>); rename it."
                 )
         self.rng = RNGState()
         self._positions: dict[int, DataLoaderPosition | None] = {}

@@ -464,3 +464,11 @@ def test_a_dataset_that_changed_length_mid_epoch_is_an_error_naming_both_lengths
     s2 = _setup(CountingDataset(N + 4))
     with pytest.raises(rk.errors.StateMismatchError, match=f"length {N}, but .* has length {N + 4}"):
         AcceleratorCheckpointer(s2["acc"], tmp_path / "run").load_state()
+
+
+def test_extra_state_may_not_reuse_an_adapter_entry_name(tmp_path: Path) -> None:
+    s = _setup()
+    with pytest.raises(ValueError, match="'optimizer_1' collides"):
+        AcceleratorCheckpointer(s["acc"], tmp_path / "run", extra_state={"optimizer_1": {}})
+    ckpt = AcceleratorCheckpointer(s["acc"], tmp_path / "run", extra_state={"models_seen": {"n": 1}})
+    assert "models_seen" in ckpt.state()
