@@ -343,6 +343,9 @@ def adopt(dataloader: Any, *, seed: int, process_index: int, num_processes: int)
     epoch_sampler.loader_generator = generator
     epoch_sampler.process_index = process_index
     inner.sampler = epoch_sampler
+    outer = dataloader.batch_sampler
+    if outer is not inner and hasattr(outer, "sampler"):
+        outer.sampler = epoch_sampler  # Accelerate's set_sampler also sets it there; get_sampler reads it
     # The iterator's base seed now comes from a per-epoch generator, not the global torch stream.
     dataloader.base_dataloader.generator = generator
     position = DataLoaderPosition(

@@ -472,3 +472,16 @@ def test_extra_state_may_not_reuse_an_adapter_entry_name(tmp_path: Path) -> None
         AcceleratorCheckpointer(s["acc"], tmp_path / "run", extra_state={"optimizer_1": {}})
     ckpt = AcceleratorCheckpointer(s["acc"], tmp_path / "run", extra_state={"models_seen": {"n": 1}})
     assert "models_seen" in ckpt.state()
+
+
+def test_seedable_sampler_keeps_its_data_seed(tmp_path: Path) -> None:
+    from accelerate import DataLoaderConfiguration
+    from accelerate.data_loader import get_sampler
+
+    from resumekit_accelerate import EpochSampler
+
+    config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=5)
+    s = _setup(dataloader_config=config)
+    ckpt = AcceleratorCheckpointer(s["acc"], tmp_path / "run")
+    assert isinstance(get_sampler(s["dl"]), EpochSampler)
+    assert ckpt.state()["dataloader"].state_dict()["seed"] == 5
