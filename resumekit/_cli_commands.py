@@ -72,13 +72,13 @@ def ls(root: Root, step: int | None) -> dict[str, Any]:
             "format_version": None,
             "entries": None,
         }
-        if root.raw_manifest(s) is None:
-            row.update(status="incomplete", detail="no manifest")
+        try:
+            m = root.manifest(s) if root.raw_manifest(s) is not None else None
+        except (ResumeKitError, OSError) as exc:
+            row.update(status="unreadable", detail=f"manifest unreadable: {exc}")
         else:
-            try:
-                m = root.manifest(s)
-            except (ResumeKitError, OSError) as exc:
-                row.update(status="unreadable", detail=f"manifest unreadable: {exc}")
+            if m is None:
+                row.update(status="incomplete", detail="no manifest")
             else:
                 row.update(
                     files=len(m.files),

@@ -155,6 +155,8 @@ class Root:
         except (ValueError, ImportError) as exc:
             raise CliError(f"cannot open '{url}': {exc}") from exc
         self.url = self.storage.url.rstrip("/") or self.storage.url
+        # One command, one view: each manifest is read once, so every part of a report agrees.
+        self._manifests: dict[int, bytes | None] = {}
 
     # -- discovery ----------------------------------------------------------------------------------
 
@@ -202,7 +204,7 @@ class Root:
 
     def committed(self) -> list[int]:
         """Steps whose folder has a manifest (not validated), ascending."""
-        return [s for s in self.candidates() if self.storage.read_manifest(s) is not None]
+        return [s for s in self.candidates() if self.raw_manifest(s) is not None]
 
     def resolve(self, step: int | None) -> int:
         """``step`` if it is committed, else the newest committed step.
@@ -210,14 +212,16 @@ class Root:
         Raises:
             CliError: the step is not committed, or there is no committed step.
         """
-        committed = self.committed()
+        candidates = self.candidates()
         if step is None:
-            if not committed:
-                raise CliError(f"'{self.url}' has no committed checkpoint (no step folder has a manifest)")
-            return committed[-1]
-        if step not in committed:
+            # Newest first, stopping at the first manifest: one read on a healthy root.
+            for s in reversed(candidates):
+                if self.raw_manifest(s) is not None:
+                    return s
+            raise CliError(f"'{self.url}' has no committed checkpoint (no step folder has a manifest)")
+        if step not in candidates or self.raw_manifest(step) is None:
             raise CliError(
-                f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {committed}"
+                f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {self.committed()}"
             )
         return step
 
@@ -233,7 +237,7 @@ class Root:
             CheckpointNotFoundError: no manifest (not committed).
             CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFormatError: it does not validate.
         """
-        raw = self.storage.read_manifest(step)
+        raw = self.raw_manifest(step)
         where = self.where(step, MANIFEST)
         if raw is None:
             raise CheckpointNotFoundError(f"{where} does not exist: step {step} is not committed")
@@ -245,8 +249,10 @@ class Root:
         return m
 
     def raw_manifest(self, step: int) -> bytes | None:
-        """The manifest's bytes, unvalidated (None when absent)."""
-        return self.storage.read_manifest(step)
+        """The manifest's bytes, unvalidated (None when absent); each is read once per command."""
+        if step not in self._manifests:
+            self._manifests[step] = self.storage.read_manifest(step)
+        return self._manifests[step]
 
     # -- files ----------------------------------------------------------------------------------------
     # Paths below come from a validated manifest only: plain names inside the step folder.
