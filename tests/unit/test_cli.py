@@ -236,6 +236,15 @@ def test_verify_reports_unparsable_header_and_hostile_manifest(
     code, _, err = run(["inspect", str(root), "--step", "1"], capsys)
     assert code == 2 and "not a plain file name" in err and len(err.strip().splitlines()) == 1
 
+    # inspect still shows step 2, with the header problem on that one file
+    d2 = run_json(["inspect", str(root), "--step", "2"], capsys)
+    files = {f["path"]: f for e in d2["entries"] for f in e["files"]}
+    assert files["model.safetensors"]["tensors"] is None
+    assert "not valid JSON" in files["model.safetensors"]["error"]
+    assert files["optimizer.safetensors"]["error"] is None
+    code, out, _ = run(["inspect", str(root), "--step", "2"], capsys)
+    assert code == 0 and "header unreadable:" in out
+
 
 def test_verify_clean_checkpoint_passes(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = run_json(["verify", str(root)], capsys)
@@ -333,6 +342,10 @@ def test_drift_reports_an_altered_environment_and_config(
 
     older = run_json(["drift", str(root), "--step", "1"], capsys)
     assert older["items"] == []
+    code, out, _ = run(["drift", str(root), "--policy", "env.torch=error"], capsys)
+    assert code == 1
+    assert out.splitlines()[1].startswith("config not compared")
+    assert "error     env.torch  1.13.1" in out and "1 error(s), 0 warning(s), 0 ignored" in out
 
 
 def test_drift_on_a_newer_format_fails_through_the_console_script(root: Path) -> None:
