@@ -23,7 +23,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.callbacks import Callback
 
 from resumekit import DriftPolicy
@@ -161,7 +160,15 @@ class ResumeKit(Callback):
             if isinstance(loaders, (list, tuple))
             else [loaders]
         )
-        stateless = [type(dl).__name__ for dl in flat if dl is not None and not isinstance(dl, _Stateful)]
+        # Lightning's own test for a resumable loader (its private _Stateful protocol), spelled out.
+        stateless = [
+            type(dl).__name__
+            for dl in flat
+            if dl is not None
+            and not (
+                callable(getattr(dl, "state_dict", None)) and callable(getattr(dl, "load_state_dict", None))
+            )
+        ]
         if stateless:
             self._warned_loader = True
             warnings.warn(
