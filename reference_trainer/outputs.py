@@ -61,6 +61,13 @@ class OutputDir:
             self.fs.pipe_file(path, data)
         return self.join(relpath)
 
+    def remove(self, relpath: str) -> None:
+        """Delete ``relpath`` if it exists."""
+        try:
+            self.fs.rm(self._path(relpath))
+        except FileNotFoundError:
+            pass
+
     def read_bytes(self, relpath: str) -> bytes | None:
         """The content of ``relpath``, or ``None`` when it does not exist."""
         try:

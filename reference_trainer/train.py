@@ -251,6 +251,13 @@ class Run:
             log.info("fresh start: no checkpoint to resume from")
         hist.set_status(self.history, "running")
         self._history_live = True
+        if p["complete"] and not p["early_stopped"] and p["epoch"] < self.cfg.epochs:
+            # --epochs was raised after the run completed: train the extra epochs (drift warned above).
+            log.warning("extending a completed run from %d to %d epochs", p["epoch"], self.cfg.epochs)
+            p["complete"] = False
+            if self.placement.is_main:
+                self.out.remove(FINAL_MODEL)  # final/ holds the weights of a complete run only
+        self.history["epochs_planned"] = self.cfg.epochs
         if p["complete"]:
             log.info("training was already complete (%d epochs); rewriting the final outputs", p["epoch"])
             return self._finish()

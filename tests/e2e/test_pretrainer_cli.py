@@ -91,6 +91,7 @@ def test_complete_run_exits_0_and_writes_every_output(
         (("--distributed", "--data-parallel"), "--distributed and --data-parallel cannot be combined"),
         (("--data-parallel",), "--data-parallel needs CUDA GPUs"),
         (("--distributed",), "--distributed needs the environment torchrun sets up"),
+        (("--device", "cuda"), "--device cuda was requested but torch sees no CUDA device"),
         (("--batch-size", "0"), "--batch-size must be at least 1"),
         (("--max-epochs-per-run", "0"), "--max-epochs-per-run must be a positive number"),
     ],
@@ -104,11 +105,29 @@ def test_unusable_flags_exit_2_with_a_message_naming_them(
 ) -> None:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    if "--data-parallel" in flags and len(flags) == 1 and torch.cuda.is_available():
+    if "cuda" in needle.lower() and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert _run(tmp_path, *flags) == EXIT_USAGE
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_torchrun_without_distributed_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _run(tmp_path) == EXIT_USAGE
+    assert "WORLD_SIZE=2 but without --distributed" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["--data-parallel", "--auto-batch-size"])
+def test_gpu_modes_complete(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    assert _run(tmp_path, mode, "--device", "cuda", "--epochs", "1") == EXIT_COMPLETE
+    err = capsys.readouterr().err
+    assert "global batch:" in err and "SKIPPED" not in err
+    assert _metadata(tmp_path / "final" / "model.safetensors")["last_epoch"] == "1"
 
 
 def test_resume_from_none_refuses_a_folder_with_checkpoints(
