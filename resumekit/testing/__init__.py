@@ -6,6 +6,14 @@ this package.
 
 from __future__ import annotations
 
+from .resume import ComplianceError, check_resume, check_roundtrip
 from .strategies import assert_identical, nested_states, tensors
 
-__all__ = ["assert_identical", "nested_states", "tensors"]
+__all__ = [
+    "ComplianceError",
+    "assert_identical",
+    "check_resume",
+    "check_roundtrip",
+    "nested_states",
+    "tensors",
+]
