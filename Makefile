@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) -m reference_trainer.demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
