@@ -60,7 +60,9 @@ def test_two_writers_one_wins_each_step_and_nothing_mixes(s3_server: S3Endpoint,
         states = [_state(0, step), _state(1, step)]
         outcomes: list[Any] = [None, None]
 
-        def run(i: int, step: int = step, states: list[dict[str, Any]] = states) -> None:
+        def run(
+            i: int, step: int = step, states: list[dict[str, Any]] = states, outcomes: list[Any] = outcomes
+        ) -> None:
             try:
                 outcomes[i] = writers[i].save(states[i], step=step)
             except Exception as exc:
