@@ -15,6 +15,7 @@ Lightning calls ``save_checkpoint`` / ``remove_checkpoint`` on global rank 0 onl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -272,12 +273,20 @@ def load_checkpoint(
     return ResumeKitCheckpointIO(storage_options=storage_options).load_checkpoint(path)
 
 
+_DELETING = re.compile(r"^\..+\.deleting-[0-9a-f]{8}$")
+
+
 def _remove_partials(path: str) -> None:
-    """Delete hidden first-save folders of ``path`` left by a process killed before their rename."""
+    """Delete debris a killed process left beside ``path``.
+
+    That is hidden first-save folders of ``path`` (killed before their rename) and any folder of this
+    directory that ``remove_checkpoint`` had already hidden but not finished deleting. Neither can be
+    mistaken for a checkpoint by Lightning (their names do not end in ``.ckpt``).
+    """
     parent, name = os.path.split(os.path.abspath(path))
     prefix = f".{name}.partial-"
     for entry in os.listdir(parent):
-        if entry.startswith(prefix):
+        if entry.startswith(prefix) or _DELETING.match(entry):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 

@@ -282,9 +282,11 @@ def test_failed_first_save_leaves_no_checkpoint_path(tmp_path: Path) -> None:
         io.save_checkpoint(bad, tmp_path / "last.ckpt")
     assert list(tmp_path.iterdir()) == []  # neither last.ckpt nor hidden debris
 
-    # Debris of a first save killed before its rename is ignored by "last" and removed by the next save.
+    # Debris of a first save killed before its rename is ignored by "last" and removed by the next save,
     debris = tmp_path / ".last.ckpt.partial-0123456789ab"
     (debris / "step-000000000001").mkdir(parents=True)
+    # ... and so is a removal killed between hiding the folder and deleting it.
+    (tmp_path / ".epoch=0-step=5.ckpt.deleting-0123abcd" / "step-000000000005").mkdir(parents=True)
     io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert _steps(tmp_path / "last.ckpt") == [f"step-{4:012d}"]
