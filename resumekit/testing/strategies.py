@@ -113,7 +113,7 @@ def _np_array(draw: st.DrawFn, *, allow_0d: bool) -> np.ndarray[Any, Any]:
 
 @st.composite
 def _np_scalar(draw: st.DrawFn) -> np.generic:
-    dtype = np.dtype(draw(st.sampled_from((*_NP_DTYPES, "complex128"))))
+    dtype = np.dtype(draw(st.sampled_from((*_NP_DTYPES, "complex128", "longlong", "ulonglong"))))
     raw = draw(st.binary(min_size=dtype.itemsize, max_size=dtype.itemsize))
     out: np.generic = _np_from_bytes(raw, dtype, (1,))[0]
     return out
@@ -266,8 +266,13 @@ def _float_bits(x: float) -> bytes:
 
 
 def _tensor_bits(t: torch.Tensor) -> bytes:
-    flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.numel() == 0:
+        return b""
+    # A fresh dense copy: a view may count as contiguous yet keep a stride other than 1 on a size-1 dim,
+    # which view(uint8) refuses.
+    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t.cpu()).reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy().tobytes())
 
 
 def assert_identical(expected: Any, actual: Any, path: str = "") -> None:
