@@ -302,7 +302,8 @@ def test_auto_batch_size_on_cpu_warns_that_it_is_skipped(
 def test_drift_warnings_are_printed_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(tmp_path, "--max-epochs-per-run", "0.5") == EXIT_TEMPFAIL
     capsys.readouterr()
-    changed = tuple(a if a != "8" else "12" for a in SMALL)  # --batch-size 8 -> 12 (per device)
+    i = SMALL.index("--batch-size") + 1
+    changed = (*SMALL[:i], "12", *SMALL[i + 1 :])  # per device
     assert _run(tmp_path, "--lr", "0.002", "--max-epochs-per-run", "0.5", base=changed) == EXIT_TEMPFAIL
     err = capsys.readouterr().err
     start = err.index("resumed from checkpoint")
@@ -310,6 +311,21 @@ def test_drift_warnings_are_printed_at_start(tmp_path: Path, capsys: pytest.Capt
     assert any("lr" in line for line in warnings), err[:start]
     assert any("batch" in line and "8" in line and "12" in line for line in warnings), err[:start]
     assert "drift: 2 warning(s), listed above" in err
+
+
+def test_raising_epochs_after_completion_trains_the_extra_epochs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    i = SMALL.index("--epochs") + 1
+    one_epoch = (*SMALL[:i], "1", *SMALL[i + 1 :])
+    assert _run(tmp_path, base=one_epoch) == EXIT_COMPLETE
+    assert _metadata(tmp_path / "final" / "model.safetensors")["last_epoch"] == "1"
+    assert _run(tmp_path) == EXIT_COMPLETE
+    err = capsys.readouterr().err
+    assert "config.epochs changed: 1 at save, 2 now" in err
+    assert "extending a completed run from 1 to 2 epochs" in err
+    assert _metadata(tmp_path / "final" / "model.safetensors")["last_epoch"] == "2"
+    assert [r["epoch"] for r in _history(tmp_path)["epochs"]] == [1, 2]
 
 
 # -- failures ----------------------------------------------------------------------------------------
