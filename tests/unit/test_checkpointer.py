@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +369,44 @@ def test_keep_last_counts_only_committed_checkpoints(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         ckpt.save(_state(step), step=step)
     assert ckpt.steps() == [2, 3]
+
+
+# -- the same contract on an fsspec store (memory://) ------------------------------------------------
+
+
+@pytest.fixture(params=["local", "memory"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh checkpoint root on local disk or on fsspec's in-process memory filesystem."""
+    if request.param == "local":
+        yield str(tmp_path / "root")
+        return
+    import fsspec
+
+    path = f"rk-test-{uuid.uuid4().hex}"
+    yield f"memory://{path}/run"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{path}"):
+        fs.rm(f"/{path}", recursive=True)
+
+
+def test_api_contract_on_every_backend(any_url: str) -> None:
+    ckpt = rk.Checkpointer(any_url, keep_last=2, config={"run": 7})
+    assert ckpt.restore(_state(0)) is None
+    assert ckpt.steps() == [] and ckpt.latest_step() is None
+    for step in (3, 6, 9):
+        ckpt.save(_state(step), step=step)
+    assert ckpt.steps() == [6, 9] and ckpt.latest_step() == 9
+    with pytest.raises(StepExistsError):
+        ckpt.save(_state(0), step=9)
+    fresh = rk.Checkpointer(any_url)
+    target = _state(-1)
+    result = fresh.restore(target)
+    assert result is not None and result.step == 9 and result.config == {"run": 7}
+    assert_identical(_state(9)["model"].state_dict(), target["model"].state_dict())
+    assert_identical(_state(9)["extra"], target["extra"])
+    target = _state(-1)
+    result = fresh.restore(target, step=6)
+    assert result is not None and result.step == 6
+    assert_identical(_state(6)["extra"], target["extra"])
+    with pytest.raises(CheckpointNotFoundError):
+        fresh.restore(target, step=3)  # removed by retention
