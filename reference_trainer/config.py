@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.log_every,
         help="optimizer steps between plain log lines when stderr is not a terminal",
     )
-    return p  # fmt: skip
+    return p
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
