@@ -317,6 +317,14 @@ def test_real_state_restores_exactly_and_training_continues_identically(
     assert model_sd["1.num_batches_tracked"].dtype == torch.int64
     assert "1" in model_sd._metadata
 
+    if sched_kind == "lambda":
+        # A plain function is not state: LambdaLR saves None in its place and keeps the new object's
+        # own function on load, so the restored schedule is the one the code defines.
+        assert original["scheduler"].state_dict()["lr_lambdas"] == [None]
+        assert restored["scheduler"].lr_lambdas == [_decay]
+    scaler_sd = original["scaler"].state_dict()
+    assert scaler_sd["scale"] == restored["scaler"].get_scale() and scaler_sd["_growth_tracker"] >= 0
+
     _train(original, steps=4, seed=2)
     _train(restored, steps=4, seed=2)
     for name in original:
