@@ -22,6 +22,10 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork"), reason="the crash writer forks one child per kill (POSIX)"
+)
+
 HELPER = str(Path(__file__).with_name("crash_writer.py"))
 KILL_OPS = ("open-w", "write", "fsync", "rename", "unlink", "rmdir", "mkdir")
 N_RANDOM_OFFSETS = 40
