@@ -59,8 +59,19 @@ def _metrics(out: Path) -> list[tuple[float, float, float]]:
 
 
 def _start(out: Path, log: Path) -> subprocess.Popen[bytes]:
+    # A session of its own: a kill takes the trainer and its DataLoader workers down together, like a
+    # node that dies (and leaves no orphaned worker behind).
     with open(log, "ab") as f:
-        return subprocess.Popen(_cmd(out), stdout=f, stderr=subprocess.STDOUT, env=_env())
+        return subprocess.Popen(
+            _cmd(out), stdout=f, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+        )
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the run's whole session if it is still alive (a failed test leaves no process behind)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait_for_step(proc: subprocess.Popen[bytes], out: Path, step: int, timeout: float = 180) -> None:
@@ -69,7 +80,7 @@ def _wait_for_step(proc: subprocess.Popen[bytes], out: Path, step: int, timeout:
         if proc.poll() is not None:
             raise AssertionError(f"the run exited ({proc.returncode}) before checkpoint step {step}")
         if time.monotonic() > deadline:
-            proc.kill()
+            _reap(proc)
             raise AssertionError(f"no checkpoint step >= {step} within {timeout} s")
         time.sleep(0.005)
 
@@ -106,10 +117,13 @@ def test_sigkill_twice_at_random_instants_then_resubmit_is_bitwise_identical(
         if i == 1:
             targets[1] = rng.randint(_latest_step(out) + 2, 2 * TOTAL_MICRO // 3)
         proc = _start(out, log)
-        _wait_for_step(proc, out, targets[i])
-        time.sleep(rng.uniform(0.0, 0.05))  # the kill lands anywhere between two checkpoints
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, f"kill {i + 1} came too late (seed {seed})"
+        try:
+            _wait_for_step(proc, out, targets[i])
+            time.sleep(rng.uniform(0.0, 0.05))  # the kill lands anywhere between two checkpoints
+            os.killpg(proc.pid, signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL, f"kill {i + 1} came too late (seed {seed})"
+        finally:
+            _reap(proc)
         assert not (out / FINAL).exists()
     # history.json appears at the first epoch end; before that there is nothing to report.
     history_file = out / "history.json"
@@ -151,9 +165,12 @@ def test_half_epoch_per_run_resubmitted_until_exit_0_is_bitwise_identical(
 def test_sigterm_checkpoints_at_that_step_and_exits_75(tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "log.txt"
     proc = _start(out, log)
-    _wait_for_step(proc, out, 3)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
+    try:
+        _wait_for_step(proc, out, 3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75, log.read_text()[-3000:]
+    finally:
+        _reap(proc)
     text = log.read_text()
     match = re.search(r"stopped early \(signal SIGTERM\) at epoch [\d.]+ of 2: checkpoint step (\d+)", text)
     assert match, text[-3000:]

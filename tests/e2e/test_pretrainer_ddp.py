@@ -92,15 +92,17 @@ def test_ddp_two_processes_sigkilled_twice_then_resubmitted_is_bitwise_identical
     for target in (rng.randint(2, TOTAL_MICRO // 3), rng.randint(TOTAL_MICRO // 3 + 2, 2 * TOTAL_MICRO // 3)):
         with open(log, "ab") as f:
             proc = subprocess.Popen(_cmd(out), stdout=f, stderr=subprocess.STDOUT, env=_env())
-        deadline = time.monotonic() + 180
-        while _latest_step(out) < target:
-            assert proc.poll() is None, (
-                f"the run exited ({proc.returncode}) before step {target}: seed {seed}"
-            )
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.05))
-        _kill_job(proc)
+        try:
+            deadline = time.monotonic() + 180
+            while _latest_step(out) < target:
+                assert proc.poll() is None, (
+                    f"the run exited ({proc.returncode}) before step {target}: seed {seed}"
+                )
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.05))
+        finally:
+            _kill_job(proc)  # also on failure: no process outlives the test
         assert not (out / FINAL).exists()
     assert _run(out, log) == 0, log.read_text()[-4000:]
     assert (out / FINAL).read_bytes() == (straight / FINAL).read_bytes(), f"kill seed {seed}"
