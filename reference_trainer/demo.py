@@ -131,5 +131,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if equal else 1
 
 
+def _main_interruptible() -> int:
+    try:
+        return main()
+    except KeyboardInterrupt:
+        # The trainer got the same Ctrl-C: it checkpoints and exits 75 on its own.
+        print("\ndemo interrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_interruptible())
