@@ -208,7 +208,7 @@ def decode(
         return _decode_tagged(tag, skel, lookup, path, depth, params)
     except CheckpointCorruptError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, struct.error) as exc:
         raise CheckpointCorruptError(f"malformed '{tag}' value at '{path}': {exc}") from exc
 
 

@@ -12,6 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import crc32c
+
 from .errors import CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFormatError
 
 __all__ = [
@@ -32,6 +34,25 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 #: A single file larger than this (1 PiB) is treated as hostile.
 MAX_FILE_BYTES = 1 << 50
+
+_SELF_CRC = "manifest_crc32c"
+
+
+def _canonical_crc(d: dict[str, Any]) -> str:
+    body = json.dumps(d, sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
+    return f"{crc32c.crc32c(body) & 0xFFFFFFFF:08x}"
+
+
+def seal(d: dict[str, Any]) -> bytes:
+    """Serialise an (edited) manifest dict with a fresh self-checksum.
+
+    For tools that rewrite manifests on purpose (and for tests that forge hostile ones): the checksum
+    detects corruption, it is not a signature.
+    """
+    d = {k: v for k, v in d.items() if k != _SELF_CRC}
+    d[_SELF_CRC] = _canonical_crc(d)
+    return json.dumps(d, sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
+
 
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _FILE_RE = re.compile(
@@ -114,10 +135,14 @@ class Manifest:
     data_prefix: str = ""  # object stores: a folder private to the writer ("w-<writer_id>/")
 
     def to_json(self) -> bytes:
-        """Serialise; keys sorted so that identical manifests are identical bytes."""
+        """Serialise; keys sorted so that identical manifests are identical bytes.
+
+        The manifest carries the crc32c of its own canonical form (``manifest_crc32c``), so a flipped
+        bit anywhere in it, not only in the file records, is detected.
+        """
         d = asdict(self)
         d["entries"] = {k: {**asdict(v), "ranks": list(v.ranks)} for k, v in self.entries.items()}
-        return json.dumps(d, sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
+        return seal(d)
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
@@ -132,10 +157,20 @@ class Manifest:
             raise UnsafeCheckpointError(f"{where}: manifest is {len(raw)} bytes, over {MAX_MANIFEST_BYTES}")
         try:
             d = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointCorruptError(f"{where}: manifest is not valid JSON ({exc})") from exc
         if not isinstance(d, dict):
             raise CheckpointCorruptError(f"{where}: manifest is not a JSON object")
+        stored = d.pop(_SELF_CRC, None)
+        try:
+            actual = _canonical_crc(d)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CheckpointCorruptError(f"{where}: manifest cannot be re-serialised ({exc})") from exc
+        if stored != actual:
+            raise CheckpointCorruptError(
+                f"{where}: manifest checksum {actual} does not match its recorded {stored!r}; the manifest "
+                "was corrupted or edited after it was written."
+            )
         version = d.get("format_version")
         if type(version) is not int:
             raise CheckpointCorruptError(f"{where}: manifest has no integer format_version")

@@ -68,7 +68,7 @@ def load_step(
         json_name, st_name = m.data_prefix + json_name, m.data_prefix + (st_name or "")
         try:
             skeleton = json.loads(read_verified(storage, step, m, json_name, where))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
         tensors: dict[str, torch.Tensor] = {}
         if st_name in m.files:

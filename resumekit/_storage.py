@@ -21,7 +21,13 @@ from collections.abc import Iterator
 from typing import IO, Any, Protocol
 
 from ._manifest import MANIFEST, parse_step_dir, step_dir
-from .errors import CheckpointCorruptError, CommitConflictError, StepExistsError, StorageError
+from .errors import (
+    CheckpointCorruptError,
+    CommitConflictError,
+    StepExistsError,
+    StorageError,
+    UnsafeCheckpointError,
+)
 
 __all__ = ["LocalStorage", "Stage", "Storage", "open_storage"]
 
@@ -135,7 +141,15 @@ class _LocalStage:
                     )
                 shutil.rmtree(final)  # debris of an interrupted deletion: no manifest, not a checkpoint
             os.rename(self.tmp, final)
-            _fsync_dir(self.root)
+            try:
+                _fsync_dir(self.root)
+            except OSError:
+                # The rename may not survive a power loss: un-commit (manifest first) so that no caller
+                # sees a step whose save raised, then report the failure.
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(final, MANIFEST))
+                shutil.rmtree(final, ignore_errors=True)
+                raise
         except OSError as exc:
             if isinstance(exc, StepExistsError):
                 raise
@@ -168,10 +182,25 @@ class LocalStorage:
             raise _io_error(exc, "listing", self.root) from exc
         return sorted(s for s in map(parse_step_dir, names) if s is not None)
 
+    def _open_inside(self, step: int, relpath: str) -> int:
+        """Open a file of a step for reading, refusing symlinks and anything resolving outside the step."""
+        folder = os.path.realpath(self._step_path(step))
+        path = os.path.join(folder, relpath)
+        if os.path.commonpath([os.path.realpath(path), folder]) != folder:
+            raise UnsafeCheckpointError(
+                f"'{path}' resolves outside its step folder (a symlink); refused without reading it."
+            )
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafeCheckpointError(f"'{path}' is a symlink; refused without following it.") from exc
+            raise
+
     def read_manifest(self, step: int) -> bytes | None:
         path = self._step_path(step, MANIFEST)
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(self._open_inside(step, MANIFEST), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             return None
@@ -181,7 +210,7 @@ class LocalStorage:
     def read_file(self, step: int, relpath: str, size: int) -> bytearray:
         path = self._step_path(step, relpath)
         try:
-            with open(path, "rb", buffering=0) as f:
+            with os.fdopen(self._open_inside(step, relpath), "rb", buffering=0) as f:
                 actual = os.fstat(f.fileno()).st_size
                 if actual != size:
                     raise CheckpointCorruptError(

@@ -77,7 +77,9 @@ def _host_bytes(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         t = t.to("cpu")
     flat = t.contiguous().reshape(-1)
-    if flat.numel() and flat.stride(0) != 1:
+    if flat.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if flat.stride(0) != 1:
         # A size-1 view may keep an odd stride while counting as contiguous; view(uint8) needs 1.
         flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
     return flat.view(torch.uint8)
@@ -157,7 +159,7 @@ def parse_header(buf: bytes | bytearray | memoryview, where: str) -> tuple[dict[
         )
     try:
         header = json.loads(bytes(buf[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointCorruptError(f"{where}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointCorruptError(f"{where}: header is not a JSON object")

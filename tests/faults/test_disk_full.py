@@ -175,11 +175,6 @@ def test_enospc_at_every_operation_before_the_commit(
         _check_failed_save(root, pristine_files, info.value, f"ENOSPC at {op} #{n}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: _storage._LocalStage.commit raises when fsync of the parent fails after the rename, "
-    "but leaves the renamed step visible (a failed save that still committed; a retry gets StepExistsError)",
-)
 def test_enospc_after_the_rename_leaves_no_visible_step(
     pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -129,6 +129,9 @@ def root(pristine: Path, tmp_path: Path) -> Path:
     return dst
 
 
+from resumekit._manifest import seal  # noqa: E402  (forging re-seals the manifest, as an attacker can)
+
+
 def _crc(raw: bytes) -> str:
     return f"{crc32c.crc32c(raw):08x}"
 
@@ -150,9 +153,7 @@ def forge(
             manifest["files"][rel] = {"size": len(raw), "crc32c": _crc(raw)}
     if edit is not None:
         edit(manifest)
-    (step / "manifest.json").write_bytes(
-        manifest_bytes if manifest_bytes is not None else json.dumps(manifest).encode()
-    )
+    (step / "manifest.json").write_bytes(manifest_bytes if manifest_bytes is not None else seal(manifest))
 
 
 # Reading the Python installation (lazy imports, package metadata) is not reading the checkpoint.
@@ -269,7 +270,8 @@ def test_manifest_paths_outside_the_step_are_refused_before_any_io(root: Path, a
     with pytest.raises(UnsafeCheckpointError, match="not a plain file name"):
         Manifest.from_json((root / STEP2 / "manifest.json").read_bytes(), "m")
     refused(root, audit, "not a plain file name")
-    assert not [e for e in audit if e[0] == "open" and os.fsdecode(e[1]).endswith(("x.json", "passwd"))]
+    opened = [os.fsdecode(a) for e, a in audit if e == "open" and isinstance(a, (str, bytes))]
+    assert not [p for p in opened if p.endswith(("x.json", "passwd"))]
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "/etc", ".."])
@@ -290,11 +292,6 @@ def test_hostile_data_prefix_is_refused(root: Path, audit: Any, prefix: str) -> 
     refused(root, audit, "data_prefix")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core gap: LocalStorage.read_file follows a symlink placed inside the step folder, so a hostile "
-    "checkpoint (e.g. an unpacked archive) makes restore open a file outside the step",
-)
 def test_symlink_inside_the_step_is_not_followed_outside(root: Path, audit: Any, tmp_path: Path) -> None:
     secret = tmp_path / "secret.json"
     secret.write_bytes((root / STEP2 / "meta.json").read_bytes())
@@ -363,12 +360,6 @@ def test_skeleton_nested_beyond_the_limit_is_refused(root: Path, audit: Any) -> 
     refused(root, audit, "nested deeper")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: json.loads of a hostile file nested ~100000 deep raises RecursionError, which "
-    "escapes restore (skeleton in checkpointer, manifest in _manifest.Manifest.from_json, header in "
-    "_tensorfile.parse_header) instead of a CheckpointCorruptError",
-)
 @pytest.mark.parametrize("file", ["meta.json", "manifest.json", "meta.safetensors"])
 def test_extremely_deep_json_is_refused_cleanly(root: Path, audit: Any, file: str) -> None:
     deep = ("[" * 100_000 + "]" * 100_000).encode()
@@ -409,11 +400,6 @@ def test_unknown_or_malformed_tags_are_refused(root: Path, audit: Any, marker: P
     assert not Path("/tmp/pwned").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: _codec._decode_tagged lets struct.error / RuntimeError escape for a malformed float, "
-    "device or Parameter tag (restore crashes instead of refusing and falling back)",
-)
 @pytest.mark.parametrize(
     "value",
     [

@@ -22,7 +22,7 @@ from torch import nn
 import resumekit as rk
 from resumekit._cli_diff import max_abs_diff
 from resumekit._cli_io import parse_storage_options, split_target
-from resumekit._manifest import FORMAT_VERSION, step_dir
+from resumekit._manifest import FORMAT_VERSION, seal, step_dir
 from resumekit.cli import main
 
 SCRIPT = shutil.which("resumekit", path=str(Path(sys.executable).parent))
@@ -86,8 +86,8 @@ def _manifest(root: Path, step: int) -> dict[str, Any]:
 
 
 def _write_manifest(root: Path, step: int, d: dict[str, Any]) -> None:
-    # The manifest has no checksum of its own: only file records are checked.
-    (root / step_dir(step) / "manifest.json").write_text(json.dumps(d))
+    # Re-sealed: the manifest's self-checksum detects corruption, not deliberate edits.
+    (root / step_dir(step) / "manifest.json").write_bytes(seal(d))
 
 
 # -- ls ------------------------------------------------------------------------------------------------
