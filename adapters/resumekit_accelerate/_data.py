@@ -186,8 +186,11 @@ class DataLoaderPosition:
             "num_processes": self.num_processes,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next pass continue the saved epoch at the saved sample.
+    def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Check a saved position against this dataloader without changing anything.
+
+        The core Checkpointer calls this for every entry before it loads any, so a changed dataset
+        fails the restore before the model or optimizer is touched.
 
         Raises:
             StateMismatchError: the record is malformed, the dataset length changed mid-epoch, or the saved
@@ -209,6 +212,15 @@ class DataLoaderPosition:
                 f"{self.batch_size}; the batches would not line up. Resume with the batch size the "
                 f"checkpoint was written with (total {s['total_batch_size']} over {s['num_processes']} process(es))."
             )
+        return s
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next pass continue the saved epoch at the saved sample.
+
+        Raises:
+            StateMismatchError: as :meth:`resumekit_validate`.
+        """
+        s = self.resumekit_validate(state_dict)
         for key in ("seed", "shuffle"):
             if getattr(self.sampler, key) != s[key]:
                 warnings.warn(
