@@ -301,3 +301,20 @@ def test_corrupted_body_is_caught_by_resumekits_own_checksum(
     assert result is not None and result.step == 1
     assert [s for s, _ in result.skipped] == [2]
     assert_restored(expected, target)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: resumekit/checkpointer.py:359 restore() treats StorageError (the store unreachable) like "
+    "a corrupt checkpoint: it warns and falls back to an older step, silently rewinding the run (whose "
+    "next save of the newer step then fails with StepExistsError) instead of raising the StorageError",
+)
+def test_persistent_read_fault_is_an_error_not_a_rewind(
+    proxied_s3: S3Endpoint, s3_root: str, direct: rk.Checkpointer, fault_proxy: FaultProxy
+) -> None:
+    reader = _two_attempts(proxied_s3, s3_root)
+    direct.save(make_state(1), step=1)
+    direct.save(make_state(2), step=2)
+    fault_proxy.add(Fault("status", method="GET", path=_file(2, "model.safetensors"), status=503, count=None))
+    with pytest.raises(StorageError, match=r"model\.safetensors"):
+        reader.restore(make_state(0))
