@@ -318,3 +318,22 @@ def test_persistent_read_fault_is_an_error_not_a_rewind(
     fault_proxy.add(Fault("status", method="GET", path=_file(2, "model.safetensors"), status=503, count=None))
     with pytest.raises(StorageError, match=r"model\.safetensors"):
         reader.restore(make_state(0))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: resumekit/_transfer.py:265 download_into retries every transient error of a range "
+    "(resumekit/_cloud.py _retry_async), not only bodies cut short, on top of botocore's own attempts: "
+    "3 x botocore's budget per range (15 requests with the defaults), against the one-layer rule of _cloud.py",
+)
+def test_a_persistent_read_fault_costs_only_one_retry_layer(
+    proxied_s3: S3Endpoint, s3_root: str, direct: rk.Checkpointer, fault_proxy: FaultProxy
+) -> None:
+    reader = _two_attempts(proxied_s3, s3_root)
+    direct.save(make_state(1), step=1)
+    fault = fault_proxy.add(
+        Fault("status", method="GET", path=_file(1, "model.safetensors"), status=503, count=None)
+    )
+    with pytest.raises(rk.ResumeKitError):
+        reader.restore(make_state(0))
+    assert fault.hits == 2  # botocore's budget, not multiplied
