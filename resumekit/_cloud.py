@@ -174,6 +174,32 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+#: Failures while reading a response body, after botocore has returned: botocore never retries these
+#: (its retries cover the request), so they are the only ones a read retries on top of it.
+_BODY_FAULT_NAMES = frozenset(
+    {
+        "ResponseStreamingError",
+        "IncompleteReadError",
+        "IncompleteRead",
+        "ClientPayloadError",
+        "ChunkedEncodingError",
+        "FlexibleChecksumError",
+    }
+)
+
+
+def is_body_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause chain) is a response body cut short or failing its checksum."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if _BODY_FAULT_NAMES.intersection(c.__name__ for c in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _storage_error(exc: BaseException, what: str, attempts: int) -> StorageError:
     number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
     err = StorageError(
@@ -191,6 +217,7 @@ def retry_call(
     what: str,
     policy: RetryPolicy = _DEFAULT_POLICY,
     sleep: Callable[[float], None] = time.sleep,
+    retry_if: Callable[[BaseException], bool] = is_transient,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying transient failures (see :func:`is_transient`).
 
@@ -199,6 +226,8 @@ def retry_call(
         what: Describes the operation for the error message (``"reading 's3://b/k'"``).
         policy: How often and how long to retry.
         sleep: Injected for tests.
+        retry_if: Which failures to retry (default: every transient one; reads pass
+            :func:`is_body_fault`, since botocore already retried the rest).
 
     Returns:
         What ``fn`` returned.
@@ -211,7 +240,9 @@ def retry_call(
         try:
             return fn()
         except Exception as exc:
-            if not is_transient(exc):
+            if not retry_if(exc):
+                if is_transient(exc):  # retried below us (botocore) until its budget ran out
+                    raise _storage_error(exc, what, attempt) from exc
                 raise
             if attempt == policy.attempts:
                 raise _storage_error(exc, what, attempt) from exc
@@ -219,12 +250,20 @@ def retry_call(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _retry_async(fn: Callable[[], Any], *, what: str, policy: RetryPolicy) -> Any:
+async def _retry_async(
+    fn: Callable[[], Any],
+    *,
+    what: str,
+    policy: RetryPolicy,
+    retry_if: Callable[[BaseException], bool] = is_transient,
+) -> Any:
     for attempt in range(1, policy.attempts + 1):
         try:
             return await fn()
         except Exception as exc:
-            if not is_transient(exc):
+            if not retry_if(exc):
+                if is_transient(exc):  # retried below us (botocore) until its budget ran out
+                    raise _storage_error(exc, what, attempt) from exc
                 raise
             if attempt == policy.attempts:
                 raise _storage_error(exc, what, attempt) from exc
@@ -375,6 +414,18 @@ def _young_upload_keys(
         kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
 
+def _invalidate_tree(fs: Any, root: str) -> None:
+    """Drop every cached listing at or below ``root`` (``invalidate_cache(root)`` keeps the children's)."""
+    fs.invalidate_cache(root)
+    cache = getattr(fs, "dircache", None)
+    if cache is None:
+        return
+    for path in list(cache):
+        if path == root or path.startswith(root + "/"):
+            with contextlib.suppress(KeyError):
+                del cache[path]
+
+
 def find_orphans(fs: Any, root: str, grace_seconds: float, *, now: Optional[float] = None) -> list[str]:
     """Paths under ``root`` that no checkpoint needs and nobody has touched for ``grace_seconds``.
 
@@ -390,7 +441,7 @@ def find_orphans(fs: Any, root: str, grace_seconds: float, *, now: Optional[floa
     """
     now = time.time() if now is None else now
     root = root.rstrip("/")
-    fs.invalidate_cache(root)  # listings are cached by s3fs/gcsfs; an orphan decision needs fresh ones
+    _invalidate_tree(fs, root)  # listings are cached by s3fs/gcsfs; an orphan decision needs fresh ones
     try:
         children = fs.ls(root, detail=False)
     except FileNotFoundError:

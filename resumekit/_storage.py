@@ -301,9 +301,30 @@ class _FsspecStage:
         except CommitConflictError:
             raise
         except OSError as exc:
+            # Every answer was lost: the PUT may still have landed. Ours (byte for byte) means committed.
+            if self._committed_by_us(manifest):
+                return
             raise _io_error(exc, "committing", path) from exc
 
+    def _committed_by_us(self, manifest: bytes | None = None) -> bool | None:
+        """True when the step's manifest is ours, False when it is absent or another writer's, None
+        when the store cannot tell right now."""
+        try:
+            existing = self.store.read_manifest(self.step)
+        except Exception:
+            return None
+        if existing is None:
+            return False
+        if manifest is not None:
+            return bytes(existing) == bytes(manifest)
+        return f'"data_prefix": "{self.data_prefix}"'.encode() in existing
+
     def abort(self) -> None:
+        # Delete our data only when provably not committed: after a commit whose answer was lost, the
+        # manifest may list these files, and deleting them would leave a checkpoint that never verifies.
+        # Anything left behind is an orphan that retention removes after the grace period.
+        if self._committed_by_us() is not False:
+            return
         with contextlib.suppress(Exception):
             self.store.fs.rm(self.store._path(self.step, self.data_prefix), recursive=True)
 
@@ -343,8 +364,14 @@ class FsspecStorage:
         )
 
     def read_manifest(self, step: int) -> bytes | None:
+        from ._cloud import is_body_fault, retry_call
+
+        path = self._path(step, MANIFEST)
         try:
-            data: bytes = self.fs.cat_file(self._path(step, MANIFEST))
+            # botocore retried the request; a body cut short is re-read here (one retry layer).
+            data: bytes = retry_call(
+                lambda: self.fs.cat_file(path), what=f"reading '{path}'", retry_if=is_body_fault
+            )
             return data
         except FileNotFoundError:
             return None

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import crc32c
 
-from ._cloud import _DEFAULT_POLICY, RetryPolicy, _kind, _retry_async
-from .errors import CheckpointCorruptError
+from ._cloud import _DEFAULT_POLICY, RetryPolicy, _kind, _retry_async, is_body_fault
+from .errors import CheckpointCorruptError, StorageError
 
 __all__ = ["S3_MIN_PART", "Download", "S3ParallelWriter", "download_into", "open_upload"]
 
@@ -236,7 +236,23 @@ def download_into(
                     crc = crc32c.crc32c(view[start:end], crc)
     except FileNotFoundError as exc:
         raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+    except StorageError as exc:
+        if _checksum_failed(exc):
+            raise CheckpointCorruptError(
+                f"'{path}': the store's own checksum of the data failed on every attempt; the stored object "
+                "is corrupt."
+            ) from exc
+        raise
     return Download(out, crc)
+
+
+def _checksum_failed(exc: BaseException) -> bool:
+    e: BaseException | None = exc
+    while e is not None:
+        if type(e).__name__ == "FlexibleChecksumError":
+            return True
+        e = e.__cause__
+    return False
 
 
 async def _download_async(
@@ -262,7 +278,10 @@ async def _download_async(
                     check_size(start + len(data))  # a short answer means a shorter object: corrupt
                 return bytes(data)
 
-            data = await _retry_async(once, what=f"reading bytes {start}-{end} of '{path}'", policy=policy)
+            # Only body faults: botocore has already retried the request itself (one retry layer).
+            data = await _retry_async(
+                once, what=f"reading bytes {start}-{end} of '{path}'", policy=policy, retry_if=is_body_fault
+            )
             view[start:end] = data
             del data
         done[i] = True

@@ -326,6 +326,8 @@ class Checkpointer:
         Raises:
             CheckpointNotFoundError: ``step`` was given and is not committed.
             CheckpointCorruptError: no committed checkpoint verifies (each one's failure is listed).
+            StorageError: the store could not be read (after retries); no fallback to an older
+                checkpoint happens, since that would silently rewind the run.
             UnsupportedFormatError: the checkpoint needs a newer resumekit.
             DriftError: the drift policy rates a change as an error (nothing was loaded).
             StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``), or a
@@ -353,13 +355,27 @@ class Checkpointer:
         loaded: Loaded | None = None
         for s in reversed(candidates):
             result: Loaded | None = None
-            reason = ""
+            reason, io_error = "", ""
+            local_io: StorageError | None = None
             try:
                 result = load_step(self._storage, self.url, s, wanted, world, strict)
-            except (CheckpointCorruptError, UnsafeCheckpointError, StorageError) as exc:
+            except (CheckpointCorruptError, UnsafeCheckpointError) as exc:
                 reason = str(exc)
-            reasons = world.all_gather_json(reason)
-            bad = [f"rank {r}: {msg}" if world.distributed else msg for r, msg in enumerate(reasons) if msg]
+            except StorageError as exc:
+                # The store is unreachable, not the checkpoint corrupt: falling back would silently
+                # rewind the run (and its next save of a newer step would collide). Raise instead.
+                io_error, local_io = str(exc), exc
+            reports = world.all_gather_json([reason, io_error])
+            failed_io = [f"rank {r}: {io}" for r, (_, io) in enumerate(reports) if io]
+            if failed_io:
+                if local_io is not None:
+                    raise local_io
+                raise StorageError(
+                    f"reading checkpoint step {s} in '{self.url}' failed: {'; '.join(failed_io)}"
+                )
+            bad = [
+                f"rank {r}: {msg}" if world.distributed else msg for r, (msg, _) in enumerate(reports) if msg
+            ]
             if not bad and result is None:
                 continue  # not committed (no manifest): an unfinished write or debris, not a checkpoint
             if not bad and result is not None:
