@@ -96,7 +96,7 @@ class _Side:
         self.step = root.resolve(step)
         self.m = root.manifest(self.step)
 
-    def read(self, rel: str) -> bytearray:
+    def read(self, rel: str) -> Any:
         rec = self.m.files[rel]
         return self.root.read_verified(self.step, rel, rec.size, rec.crc32c)
 
@@ -106,7 +106,7 @@ class _Side:
         return tensors_from_buffer(self.read(rel), self.root.where(self.step, rel))
 
     def values(self, rel: str, entry: str) -> dict[str, Any]:
-        skeleton = json.loads(self.read(rel))
+        skeleton = json.loads(bytes(self.read(rel)))
         # Tensors are compared file to file; here only the values around them matter.
         flat: dict[str, Any] = {}
         _flatten(decode(skeleton, lambda _name: torch.empty(0), entry), "", flat)

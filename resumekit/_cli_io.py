@@ -341,7 +341,7 @@ class Root:
             total, f"{crc & 0xFFFFFFFF:08x}", bytes(head), b"".join(parts) if keep_content else None
         )
 
-    def read_verified(self, step: int, relpath: str, size: int, crc: str) -> bytearray:
+    def read_verified(self, step: int, relpath: str, size: int, crc: str) -> Any:
         """A whole file, checked against the manifest's size and crc32c.
 
         Raises:

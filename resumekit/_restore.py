@@ -15,7 +15,7 @@ from ._entries import Item, crc_hex
 from ._keys import load_canonical
 from ._manifest import SCOPE_RANK, Manifest, entry_files, step_dir
 from ._shapes import load_matching
-from ._storage import Storage
+from ._storage import Buffer, Storage
 from ._tensorfile import tensors_from_buffer
 from .errors import CheckpointCorruptError, StateMismatchError
 
@@ -67,7 +67,7 @@ def load_step(
         json_name, st_name = entry_files(it.name, entry.scope, rank, True)
         json_name, st_name = m.data_prefix + json_name, m.data_prefix + (st_name or "")
         try:
-            skeleton = json.loads(read_verified(storage, step, m, json_name, where))
+            skeleton = json.loads(read_verified(storage, step, m, json_name, where).tobytes())
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
         tensors: dict[str, torch.Tensor] = {}
@@ -88,7 +88,7 @@ def load_step(
     return out
 
 
-def read_verified(storage: Storage, step: int, m: Manifest, relpath: str, where: str) -> bytearray:
+def read_verified(storage: Storage, step: int, m: Manifest, relpath: str, where: str) -> Buffer:
     """A file's bytes, after checking them against the manifest's size and crc32c."""
     rec = m.files.get(relpath)
     if rec is None:

@@ -139,7 +139,7 @@ def write_tensors(
     return size, crc
 
 
-def parse_header(buf: bytes | bytearray | memoryview, where: str) -> tuple[dict[str, TensorSpec], int]:
+def parse_header(buf: Any, where: str) -> tuple[dict[str, TensorSpec], int]:
     """Validate a safetensors header and return its specs and the offset where data starts.
 
     Everything is checked before any tensor is built: known dtypes, non-negative shapes, offsets that
@@ -216,8 +216,9 @@ def _spec(name: str, info: Any, data_len: int, where: str) -> TensorSpec:
     return TensorSpec(dtype, tuple(shape), begin, end)
 
 
-def tensors_from_buffer(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
-    """Parse a whole safetensors file held in ``buf`` into tensors that view ``buf`` (no copy)."""
+def tensors_from_buffer(buf: Any, where: str) -> dict[str, torch.Tensor]:
+    """Parse a whole safetensors file held in ``buf`` (any writable bytes-like object: a bytearray, a
+    uint8 NumPy array) into tensors that view ``buf`` (no copy)."""
     specs, data_start = parse_header(buf, where)
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
