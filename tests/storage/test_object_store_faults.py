@@ -136,12 +136,6 @@ def test_transient_restore_faults_and_a_truncated_body_are_retried(
     assert statuses == [206, 206]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resumekit/_storage.py:318 FsspecStorage.read_manifest calls fs.cat_file, which s3fs "
-    "does not retry under single_retry_layer (fs.retries = 1) and botocore never retries a short body: "
-    "a manifest GET cut short escapes restore() as a raw aiohttp ClientPayloadError instead of being re-read",
-)
 def test_a_truncated_manifest_body_is_retried(
     through_proxy: rk.Checkpointer, direct: rk.Checkpointer, fault_proxy: FaultProxy
 ) -> None:
@@ -195,13 +189,6 @@ def test_persistent_fault_is_a_clean_storage_error_with_nothing_visible(
     assert direct.steps() == [1, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resumekit/_save.py:141 write() calls stage.abort() after any commit error; when "
-    "every answer to the manifest PUT is lost (resumekit/_cloud.py:322 put_if_absent raises StorageError "
-    "without reading back) the manifest may be stored, and abort then deletes the data it lists: a "
-    "committed checkpoint that can never verify",
-)
 def test_persistently_lost_commit_answers_never_leave_a_broken_checkpoint(
     proxied_s3: S3Endpoint, s3_root: str, direct: rk.Checkpointer, fault_proxy: FaultProxy
 ) -> None:
@@ -253,13 +240,6 @@ def test_lost_commit_response_ends_in_exactly_one_committed_checkpoint(
         through_proxy.save(make_state(1), step=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resumekit/_transfer.py:260 a ranged GET covering a whole small object is checked by "
-    "botocore's response checksum, whose FlexibleChecksumError is neither retried (resumekit/_cloud.py "
-    "is_transient) nor turned into CheckpointCorruptError, so it escapes restore() "
-    "(resumekit/checkpointer.py:359 catches only resumekit errors) with no fallback",
-)
 def test_corrupted_body_is_a_checksum_failure_and_a_fallback(
     through_proxy: rk.Checkpointer, direct: rk.Checkpointer, fault_proxy: FaultProxy
 ) -> None:
@@ -303,12 +283,6 @@ def test_corrupted_body_is_caught_by_resumekits_own_checksum(
     assert_restored(expected, target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resumekit/checkpointer.py:359 restore() treats StorageError (the store unreachable) like "
-    "a corrupt checkpoint: it warns and falls back to an older step, silently rewinding the run (whose "
-    "next save of the newer step then fails with StepExistsError) instead of raising the StorageError",
-)
 def test_persistent_read_fault_is_an_error_not_a_rewind(
     proxied_s3: S3Endpoint, s3_root: str, direct: rk.Checkpointer, fault_proxy: FaultProxy
 ) -> None:
@@ -320,12 +294,6 @@ def test_persistent_read_fault_is_an_error_not_a_rewind(
         reader.restore(make_state(0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resumekit/_transfer.py:265 download_into retries every transient error of a range "
-    "(resumekit/_cloud.py _retry_async), not only bodies cut short, on top of botocore's own attempts: "
-    "3 x botocore's budget per range (15 requests with the defaults), against the one-layer rule of _cloud.py",
-)
 def test_a_persistent_read_fault_costs_only_one_retry_layer(
     proxied_s3: S3Endpoint, s3_root: str, direct: rk.Checkpointer, fault_proxy: FaultProxy
 ) -> None:
