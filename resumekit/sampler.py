@@ -83,6 +83,18 @@ def partition_indices(
     drop_last: bool,
     skip: int = 0,
 ) -> list[int]:
+    """The indices one rank yields, as a list (see :func:`_partition` for the arguments)."""
+    return _partition(order, start, num_replicas, rank, drop_last, skip).tolist()
+
+
+def _partition(
+    order: torch.Tensor,
+    start: int,
+    num_replicas: int,
+    rank: int,
+    drop_last: bool,
+    skip: int = 0,
+) -> torch.Tensor:
     """The indices one rank yields for the partition of ``order`` that begins at ``start``.
 
     Args:
@@ -106,7 +118,7 @@ def partition_indices(
         remaining = torch.cat([remaining, head[:pad]])
     segment = remaining[:total]
     first = rank + skip * num_replicas
-    return segment[first:total:num_replicas].tolist()
+    return segment[first:total:num_replicas]
 
 
 # ----------------------------------------------------------------------------------------- the sampler
@@ -268,18 +280,21 @@ class ResumableSampler(Sampler[int]):
         self._roll_over_if_finished()
         self._view = self._consumed
         order = epoch_order(self.seed, self.epoch, len(self.dataset), self.shuffle)
-        indices = partition_indices(
+        indices = _partition(
             order, self._start, self.num_replicas, self.rank, self.drop_last, self._local_done(self._consumed)
         )
         return self._yield(indices)
 
-    def _yield(self, indices: list[int]) -> Iterator[int]:
+    def _yield(self, indices: torch.Tensor) -> Iterator[int]:
         seed, epoch = self.seed, self.epoch
         tag, count = self._tag_indices, not self._external_count
-        for i in indices:
-            if count:
-                self._advance(1)
-            yield _TaggedIndex(i, seed, epoch) if tag else i
+        # Converted to Python ints chunk by chunk: the first batch after a resume does not wait for
+        # millions of remaining indices to become a list.
+        for chunk in indices.split(1 << 16):
+            for i in chunk.tolist():
+                if count:
+                    self._advance(1)
+                yield _TaggedIndex(i, seed, epoch) if tag else i
         if count:
             self._mark_finished()
 
