@@ -206,7 +206,7 @@ def _storage_error(exc: BaseException, what: str, attempts: int) -> StorageError
         number,
         f"{what} failed after {attempts} attempt(s): {type(exc).__name__}: {exc}. "
         "The store was unreachable or kept answering with errors; check the endpoint, credentials and "
-        "network, then retry. Nothing was committed by this operation.",
+        "network, then retry. Checkpoints already committed are intact.",
     )
     return err
 
