@@ -21,8 +21,9 @@ Measured per checkpoint, all wall-clock time of the training thread:
 - the whole run's wall time (the final ``close()`` included: before it the last checkpoint is not
   durable) against the ``none`` run.
 
-A floor is measured too: ``Tensor.copy_`` of the same tensors into preallocated buffers, which is what
-a staging copy cannot beat on this machine.
+Floors are measured before every repetition: the same tensors copied into preallocated buffers with
+``Tensor.copy_`` (torch's intra-op pool, as the staging pool copies) and with ``numpy.copyto`` (one
+thread). No host-staging save can block for less than such a copy.
 
 Usage::
 
@@ -229,8 +230,18 @@ def summarise(runs: list[Run], floor_s: tuple[float, float], state_bytes: int) -
     sync_steps = [x for r in by["sync"] for x in r.steps_outside_bg()]
     bg_steps = [x for r in by["async"] for x in r.steps_during_bg()]
     quiet_steps = [x for r in by["async"] for x in r.steps_outside_bg()]
+    # Whole runs are compared within a repetition (the machine's load drifts between repetitions).
+    none_of = {r.rep: r.total_s for r in by["none"]}
+    paired = {
+        c: [(r.total_s / none_of[r.rep], r.total_s - none_of[r.rep]) for r in by[c] if r.rep in none_of]
+        for c in ("sync", "async")
+    }
     return {
         "state_bytes": state_bytes,
+        "run_ratio_sync": _med([x for x, _ in paired["sync"]]),
+        "run_ratio_async": _med([x for x, _ in paired["async"]]),
+        "run_extra_sync": _med([x for _, x in paired["sync"]]),
+        "run_extra_async": _med([x for _, x in paired["async"]]),
         "sync_call": _med(sync_calls),
         "sync_call_all": sync_calls,
         "async_first_call": _med(first_calls),
@@ -271,8 +282,8 @@ def table(s: dict[str, Any]) -> str:
     sync = s["sync_call"]
     gb = s["state_bytes"] / 1e9
     n = s["n_ckpt"]
-    extra_sync = (s["total_sync"] - s["total_none"]) / n if n else float("nan")
-    extra_async = (s["total_async"] - s["total_none"]) / n if n else float("nan")
+    extra_sync = s["run_extra_sync"] / n if n else float("nan")
+    extra_async = s["run_extra_async"] / n if n else float("nan")
     rows = [
         ("sync `save` call (loop blocked, fsync + commit)", sync, "1.00x", f"{gb / sync:.2f} GB/s"),
         (
@@ -342,13 +353,13 @@ def table(s: dict[str, Any]) -> str:
         (
             "whole run, sync checkpoints",
             s["total_sync"],
-            _r(s["total_sync"], s["total_none"]) + " (of run)",
+            f"{s['run_ratio_sync']:.2f}x (of run, paired)",
             f"{extra_sync:+.2f} s per checkpoint",
         ),
         (
             "whole run, async checkpoints (final close included)",
             s["total_async"],
-            _r(s["total_async"], s["total_none"]) + " (of run)",
+            f"{s['run_ratio_async']:.2f}x (of run, paired)",
             f"{extra_async:+.2f} s per checkpoint",
         ),
     ]
@@ -383,25 +394,38 @@ def reading(s: dict[str, Any]) -> list[str]:
     sync, call = s["sync_call"], s["async_steady_call"]
     gb = s["state_bytes"] / 1e9
     best_floor = min(s["floor"], s["floor_np"])
+    ratio = s["floor"] / s["floor_np"]
+    if ratio > 1.1:
+        pool_vs_one = f"{ratio:.1f}x slower than"
+    elif ratio < 1 / 1.1:
+        pool_vs_one = f"{1 / ratio:.1f}x faster than"
+    else:
+        pool_vs_one = "about as fast as"
     return [
         f"- A later `save_async` call copies {gb:.2f} GB into staging in {call:.3f} s ({gb / call:.2f} GB/s): "
         f"{call / s['floor']:.2f}x the `Tensor.copy_` floor and {call / s['floor_np']:.2f}x the one-thread "
-        "`numpy.copyto` floor measured on the same tensors. The call is copy-bound: snapshot bookkeeping "
-        "(state_dict, JSON skeleton, step check) is the small rest.",
+        "`numpy.copyto` floor (the same tensors copied into ready buffers, once per repetition; medians). "
+        f"The first call also allocates the staging buffers: {s['async_first_call']:.3f} s, the cost of "
+        "faulting in fresh memory.",
         f"- No host-staging design can block less than the copy itself: here the fastest copy is "
         f"{best_floor / sync:.1%} of the sync save. The 10% target needs host memory to copy at least 10x "
         f"faster than the disk takes durable writes; in this run sync saves reach {gb / sync:.2f} GB/s and "
         f"the copy {gb / best_floor:.2f} GB/s, a factor of {sync / best_floor:.1f}.",
         f"- `Tensor.copy_` (what the staging pool uses) runs on torch's intra-op pool of "
-        f"{torch.get_num_threads()} threads; on this loaded machine that is {s['floor'] / s['floor_np']:.1f}x "
-        "slower than one thread doing `numpy.copyto` (a parallel copy waits for its slowest, preempted "
-        "worker at every tensor).",
+        f"{torch.get_num_threads()} threads; in this run it was {pool_vs_one} one thread doing `numpy.copyto`"
+        + (
+            " (likely: a parallel copy waits at every tensor for its slowest worker, which other processes "
+            "preempt on a loaded machine)."
+            if ratio > 1.1
+            else "."
+        ),
         f"- The background save takes {s['bg_save'] / sync:.2f}x as long as a sync save (call to commit): it "
         "shares the CPUs with the training step. Steps that overlap it take "
         f"{s['step_bg'] / s['step_base']:.2f}x the reference step time; the next checkpoint waited "
         f"{s['async_wait_med']:.3f} s (median) for it at this interval.",
-        "- Whole-run times vary with the other jobs on this machine by more than a checkpoint costs; "
-        "compare them across repetitions in the table below, not to the second.",
+        "- Whole-run ratios are paired: each run against the no-checkpoint run of the same repetition, "
+        f"median over repetitions (sync {s['run_ratio_sync']:.2f}x, async {s['run_ratio_async']:.2f}x). The "
+        "load of the other jobs drifts within a repetition too: see every run in the last table.",
     ]
 
 
@@ -441,9 +465,10 @@ def write_markdown(
         "`save_async` call plus the explicit `wait()` just before it (the previous background save, if "
         'still running). Steps "while a background save runs" are those whose time span overlaps the '
         "span [save_async called, commit] of some save.",
-        f"- Staging memory (RSS growth over the first `save_async`): {s['staging_rss'] / 1e6:.0f} MB "
-        f"({s['staging_rss'] / sb:.0%} of the state): the staging buffers, kept for the checkpointer's "
-        "lifetime and reused.",
+        f"- Staging memory: one host buffer per tensor, {sb / 1e9:.3f} GB in all, kept for the checkpointer's "
+        f"lifetime and reused. RSS grew by {s['staging_rss'] / 1e6:.0f} MB over the first `save_async` "
+        f"({s['staging_rss'] / sb:.0%} of the state): less than the buffers, likely because part of them "
+        "landed on pages the process already held (freed gradients).",
         "",
         table(s),
         "",
@@ -563,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         f"disk {bsr.describe_disk(args.workdir)}; torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    floor_s = copy_floor(model, opt)
+    floors = [copy_floor(model, opt)]
+    floor_s = floors[0]
     print(
         f"copy floor: torch copy_ {floor_s[0]:.3f} s, numpy.copyto {floor_s[1]:.3f} s "
         f"({state_bytes / 1e9 / min(floor_s):.2f} GB/s)",
@@ -574,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     loads: list[float] = []
     try:
         for rep in range(args.reps):
+            if rep:  # measured again each repetition: the machine's load drifts between them
+                floors.append(copy_floor(model, opt))
             order = CONFIGS[rep % 3 :] + CONFIGS[: rep % 3]
             for cfg in order:
                 r = run_once(cfg, rep, model, opt, args, root)
@@ -591,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    s = summarise(runs, floor_s, state_bytes)
+    floor_med = (_med([f[0] for f in floors]), _med([f[1] for f in floors]))
+    s = summarise(runs, floor_med, state_bytes)
     info = {
         "wall_s": time.perf_counter() - t_start,
         "load": loads,
