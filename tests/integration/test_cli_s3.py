@@ -3,12 +3,10 @@ verification and diff of objects written by the Checkpointer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +25,6 @@ from resumekit.cli import main
 pytestmark = pytest.mark.s3
 
 
-def _servers() -> Any:
-    """The storage tests' server helpers (tests/storage/servers.py), loaded by path."""
-    name = "_resumekit_storage_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parents[1] / "storage" / "servers.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    with _servers().moto_s3_server() as endpoint:
-        yield endpoint
-
-
 def _options(s3: Any) -> list[str]:
     """The endpoint's storage options as --storage-option arguments (JSON values)."""
     out = []
@@ -62,8 +40,8 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str], expect: int = 0) -
     return json.loads(out)
 
 
-def test_cli_on_s3(s3: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    url = s3.url(_servers().unique_prefix("cli"), "run")
+def test_cli_on_s3(s3: Any, unique_prefix: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    url = s3.url(unique_prefix("cli"), "run")
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     ckpt = rk.Checkpointer(url, storage_options=s3.storage_options, config={"batch_size": 4})

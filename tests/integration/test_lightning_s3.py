@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,29 +17,9 @@ from resumekit_lightning import ResumeKitCheckpointIO
 pytestmark = [pytest.mark.lightning, pytest.mark.s3]
 
 
-def _servers() -> Any:
-    """The storage tests' server helpers (tests/storage/servers.py), loaded by path."""
-    name = "_resumekit_storage_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parents[1] / "storage" / "servers.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[Any]:
-    with _servers().moto_s3_server() as endpoint:
-        yield endpoint
-
-
-def test_save_over_load_and_remove_on_s3(s3: Any) -> None:
+def test_save_over_load_and_remove_on_s3(s3: Any, unique_prefix: Any) -> None:
     io = ResumeKitCheckpointIO(storage_options=s3.storage_options, config={"batch_size": 2})
-    url = s3.url(_servers().unique_prefix("lightning"), "last.ckpt")
+    url = s3.url(unique_prefix("lightning"), "last.ckpt")
     for step in (3, 3, 5):  # saved over, once at the same global step
         io.save_checkpoint({"global_step": step, "state_dict": {"w": torch.full((2,), float(step))}}, url)
     fs = s3.filesystem()
