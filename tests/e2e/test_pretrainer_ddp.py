@@ -20,11 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = (
-    "--num-samples", "170", "--num-features", "32", "--epochs", "2", "--batch-size", "8",
+    "--num-samples", "170", "--num-features", "32", "--epochs", "4", "--batch-size", "8",
     "--grad-accumulation", "2", "--save-every-steps", "1", "--keep-last", "2", "--seed", "5",
     "--warmup-steps", "3",
 )  # fmt: skip
-TOTAL_MICRO = 2 * 10  # 153 training samples over 2 ranks -> 77 per rank / 8 = 10 micro-batches an epoch
+TOTAL_MICRO = 4 * 10  # 153 training samples over 2 ranks -> 77 per rank / 8 = 10 micro-batches an epoch
 FINAL = Path("final") / "model.safetensors"
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -89,7 +89,13 @@ def test_ddp_two_processes_sigkilled_twice_then_resubmitted_is_bitwise_identical
     assert "8 per device x 2 device(s) x 2 accumulation = 32 samples" in log.read_text()
     seed = random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
-    for target in (rng.randint(2, TOTAL_MICRO // 3), rng.randint(TOTAL_MICRO // 3 + 2, 2 * TOTAL_MICRO // 3)):
+    for first in (True, False):
+        # Each job must commit a checkpoint of its own before it is killed (so its resume point is
+        # recorded): the second target counts from where the second job resumes, since a fast first
+        # job may run past any fixed target before the kill lands.
+        start = _latest_step(out)
+        target = rng.randint(2, TOTAL_MICRO // 4) if first else start + rng.randint(2, 6)
+        assert target < TOTAL_MICRO, f"the first job ran to step {start} before it was killed: seed {seed}"
         with open(log, "ab") as f:
             proc = subprocess.Popen(_cmd(out), stdout=f, stderr=subprocess.STDOUT, env=_env())
         try:
