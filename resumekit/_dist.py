@@ -68,14 +68,6 @@ class World:
         dist.all_gather(bufs, buf, group=self.group)
         return [json.loads(bytes(b[: int(s.item())].cpu().numpy())) for b, s in zip(bufs, sizes)]
 
-    def all_true(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on every rank."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(t.item())
-
 
 def current_world(group: Any = None) -> World:
     """The world of the default (or given) process group; a single process when not initialised."""

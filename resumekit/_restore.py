@@ -29,7 +29,6 @@ class Loaded:
     manifest: Manifest
     values: dict[str, Any] = field(default_factory=dict)
     absent_rank: list[str] = field(default_factory=list)
-    nbytes: int = 0
 
 
 def load_step(

@@ -247,11 +247,8 @@ class LocalStorage:
             raise _io_error(exc, "reading", path) from exc
 
     def stage(self, step: int, writer_id: str) -> Stage:
-        if os.path.exists(self._step_path(step, MANIFEST)):
-            raise StepExistsError(
-                f"step {step} already exists at '{self._step_path(step)}'; checkpoints are never overwritten. "
-                "Save under a new step, or delete that checkpoint first if it is really unwanted."
-            )
+        # No existence check here: rank 0 checked before the save and broadcast it, and the commit
+        # (a rename that refuses a committed target) is the guard against a writer that raced us.
         return _LocalStage(self.root, step, writer_id)
 
     def delete_step(self, step: int) -> None:
@@ -401,11 +398,7 @@ class FsspecStorage:
         return buf
 
     def stage(self, step: int, writer_id: str) -> Stage:
-        if self.fs.exists(self._path(step, MANIFEST)):
-            raise StepExistsError(
-                f"step {step} already exists at '{self._path(step)}'; checkpoints are never overwritten. "
-                "Save under a new step, or delete that checkpoint first if it is really unwanted."
-            )
+        # As LocalStorage.stage: the create-only manifest PUT is the guard against a racing writer.
         return _FsspecStage(self, step, writer_id)
 
     def delete_step(self, step: int) -> None:
