@@ -35,22 +35,6 @@ def _target() -> dict[str, Any]:
     return {"model": _state(99)["model"], "meta": {}}
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pristine")
-    ckpt = rk.Checkpointer(root)
-    ckpt.save(_state(1), step=1)
-    ckpt.save(_state(2), step=2)
-    return root
-
-
-@pytest.fixture
-def root(pristine: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "root"
-    shutil.copytree(pristine, dst)
-    return dst
-
-
 def _files(step_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file())
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import struct
 import sys
 import warnings
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._manifest import Manifest
+from resumekit._manifest import Manifest, seal
 from resumekit.errors import CheckpointCorruptError, UnsafeCheckpointError
 from resumekit.testing.strategies import assert_identical
 
@@ -111,25 +110,6 @@ def _state(step: int) -> dict[str, Any]:
 
 def _target() -> dict[str, Any]:
     return {"model": nn.Linear(4, 4), "meta": {}}
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pristine")
-    ckpt = rk.Checkpointer(root)
-    ckpt.save(_state(1), step=1)
-    ckpt.save(_state(2), step=2)
-    return root
-
-
-@pytest.fixture
-def root(pristine: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "root"
-    shutil.copytree(pristine, dst)
-    return dst
-
-
-from resumekit._manifest import seal  # noqa: E402  (forging re-seals the manifest, as an attacker can)
 
 
 def _crc(raw: bytes) -> str:
