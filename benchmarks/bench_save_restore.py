@@ -15,9 +15,19 @@ Methods (save / restore):
   ``load_file`` + ``load_state_dict``.
 - ``dcp``: ``torch.distributed.checkpoint.save`` with ``FileSystemWriter(sync_files=True)`` (one process)
   / ``dcp.load`` in place + ``set_state_dict``.
+- ``lightning``: ``Trainer.save_checkpoint`` (one ``torch.save`` file of ``state_dict``, ``optimizer_states``,
+  loops and callbacks, serialized into memory first, then written through an fsspec transaction) + fsync of
+  the file / what ``fit(ckpt_path=...)`` does for model and optimizer: ``strategy.load_checkpoint``
+  (``torch.load``, ``weights_only`` left to torch's default, True) + ``strategy.load_model_state_dict`` +
+  ``strategy.load_optimizer_state_dict``. The Trainer wraps the same model and optimizer in a
+  ``LightningModule``; a ``fit`` with ``max_steps=0`` attaches them once, outside the clock.
+- ``accelerate``: ``Accelerator.save_state`` (model in ``model.safetensors``, optimizer in ``optimizer.bin``
+  through ``torch.save``, RNG states in a pickle) + fsync of every file / ``Accelerator.load_state``. One
+  ``Accelerator(cpu=True)`` has prepared the same model and optimizer once, outside the clock.
 
-Save time includes every fsync the method does (``raw``, ``torch.save`` and ``safetensors`` are fsynced by
-this script; resumekit and DCP fsync themselves). Restore time is "state back in the live objects".
+Save time includes every fsync the method does (``raw``, ``torch.save``, ``safetensors``, ``lightning``
+and ``accelerate`` are fsynced by this script, because neither Lightning nor Accelerate calls fsync;
+resumekit and DCP fsync themselves). Restore time is "state back in the live objects".
 Before every timed restore the page cache is dropped (``echo 3 > /proc/sys/vm/drop_caches``) when the
 process may; the report says whether it could. Peak extra memory is the highest resident set size
 (``VmRSS`` sampled every few ms by a thread, and the kernel's ``VmHWM`` reset before each measurement)
@@ -60,7 +70,16 @@ _CHUNK = 64 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-ALL_METHODS = ("raw", "resumekit", "resumekit-async", "torch.save", "safetensors", "dcp")
+ALL_METHODS = (
+    "raw",
+    "resumekit",
+    "resumekit-async",
+    "torch.save",
+    "safetensors",
+    "dcp",
+    "lightning",
+    "accelerate",
+)
 #: Seconds each ``save_async`` call blocked the caller, in call order.
 BLOCKING: list[float] = []
 
@@ -370,8 +389,106 @@ def make_methods(model: nn.Module, opt: torch.optim.Optimizer, names: list[str])
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
     methods.append(Method("dcp", "torch DCP", dcp_save, dcp_restore))
+    # The frameworks are set up only when asked for: their imports and setup cost seconds.
+    if "lightning" in names:
+        methods.append(_lightning_method(model, opt))
+    if "accelerate" in names:
+        methods.append(_accelerate_method(model, opt))
     del tensors
     return [m for m in methods if m.name in names]
+
+
+def _lightning_method(model: nn.Module, opt: torch.optim.Optimizer) -> Method:
+    """Lightning's ``Trainer.save_checkpoint`` + fsync, and its resume path for model and optimizer.
+
+    A ``fit`` with ``max_steps=0`` (done here, outside the clock) runs the Trainer's setup, which attaches
+    the module and takes the optimizer from ``configure_optimizers``, and trains nothing: the live state is
+    unchanged (the benchmark's fingerprint check would catch a change). Lightning does not fsync: its
+    ``_atomic_save`` serializes the whole checkpoint into a ``BytesIO`` and writes a copy of it through an
+    fsspec transaction (temporary file renamed into place), so this method fsyncs the file afterwards.
+    """
+    import logging
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Wrapped(pl.LightningModule):
+        """The benchmark's model and optimizer as a LightningModule (``state_dict`` keys ``net.*``)."""
+
+        def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            super().__init__()
+            self.net = net
+            self.bench_optimizer = optimizer
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return self.bench_optimizer
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    module = Wrapped(model, opt)
+    width = next(model.parameters()).shape[-1]
+    loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
+        TensorDataset(torch.zeros(1, width)), batch_size=1
+    )
+    with tempfile.TemporaryDirectory(prefix=".bench-lightning-") as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+        )
+        trainer.fit(module, train_dataloaders=loader)
+    if len(trainer.optimizers) != 1 or trainer.optimizers[0] is not opt:
+        raise RuntimeError(
+            "lightning: the Trainer did not attach the benchmark's optimizer after fit(max_steps=0)"
+        )
+
+    def save(path: str) -> None:
+        trainer.save_checkpoint(path)
+        _fsync_path(path)
+
+    def restore(path: str) -> None:
+        # The steps of trainer._checkpoint_connector.restore() that load model and optimizer states; the
+        # loops, callbacks and (absent) schedulers it also restores are a few bytes and are not needed here.
+        checkpoint = trainer.strategy.load_checkpoint(path)
+        trainer.strategy.load_model_state_dict(checkpoint)
+        trainer.strategy.load_optimizer_state_dict(checkpoint)
+
+    return Method("lightning", "Lightning", save, restore)
+
+
+def _accelerate_method(model: nn.Module, opt: torch.optim.Optimizer) -> Method:
+    """Accelerate's ``save_state`` + fsync of every file written, and ``load_state``.
+
+    ``Accelerator(cpu=True).prepare(model, opt)`` runs once, here, outside the clock; on one CPU process it
+    returns the same model and wraps the same optimizer. Accelerate does not fsync: ``save_state`` writes
+    ``model.safetensors`` (``safetensors.torch.save_file``), ``optimizer.bin`` (``torch.save``, pickle) and
+    ``random_states_0.pkl`` and returns, so this method fsyncs each of those files afterwards.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    prepared_model, prepared_opt = accelerator.prepare(model, opt)
+    if prepared_model is not model or getattr(prepared_opt, "optimizer", None) is not opt:
+        raise RuntimeError("accelerate: prepare() replaced the model or optimizer; the state would diverge")
+
+    def save(path: str) -> None:
+        accelerator.save_state(path)
+        for folder, _, files in os.walk(path):
+            for name in files:
+                _fsync_path(os.path.join(folder, name))
+
+    def restore(path: str) -> None:
+        accelerator.load_state(path)
+
+    return Method("accelerate", "Accelerate", save, restore)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -576,7 +693,19 @@ def describe_machine(path: str) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "safetensors": safetensors.__version__,
+        "lightning": _version_of("lightning"),
+        "accelerate": _version_of("accelerate"),
     }
+
+
+def _version_of(dist: str) -> str:
+    """The installed version of distribution ``dist``, without importing it; "not installed" if absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -696,7 +825,9 @@ def write_markdown(
         f"({info['n_params'] / 1e6:.0f} M parameters) + Adam `exp_avg`, `exp_avg_sq`, `step` after one step = "
         f"{sb / GIB:.3f} GiB ({sb / 1e9:.3f} GB).",
         f"- Machine: {machine['cpu']}; RAM {machine['ram']}; disk {machine['disk']}; kernel {machine['kernel']}.",
-        f"- Software: Python {machine['python']}, torch {machine['torch']}, safetensors {machine['safetensors']}; "
+        f"- Software: Python {machine['python']}, torch {machine['torch']}, safetensors {machine['safetensors']}"
+        + "".join(f", {k} {machine[k]}" for k in ("lightning", "accelerate") if k in machine)
+        + "; "
         f"resumekit from {machine['resumekit']}.",
         f"- {args.reps} repetitions, interleaved across methods; median shown, (min-max) beside it. GB = 1e9 bytes; "
         "GB/s are state bytes over seconds.",
