@@ -108,6 +108,40 @@ def find_shape_mismatches(saved: Mapping[str, Any], model: nn.Module) -> list[Sh
     return mismatches
 
 
+def _migrates_keys(model: nn.Module) -> bool:
+    """Whether ``model`` may rename or add keys while loading (a load pre-hook, or a
+    ``_load_from_state_dict`` not inherited from torch), so that only ``load_state_dict`` can judge keys."""
+    for sub in model.modules():
+        if getattr(sub, "_load_state_dict_pre_hooks", None):
+            return True
+        owner = next(c for c in type(sub).__mro__ if "_load_from_state_dict" in vars(c))
+        if not owner.__module__.startswith("torch."):
+            return True
+    return False
+
+
+def _check_keys(saved: Mapping[str, Any], model: nn.Module, entry: str) -> None:
+    """Raise before anything is loaded when the saved keys and the model's differ (``load_state_dict``
+    would raise only after copying every tensor that matched)."""
+    own = model.state_dict(keep_vars=True)
+    keyed = to_model_keys(saved, model)
+    missing = [k for k in own if k not in keyed]
+    unexpected = [k for k in keyed if k not in own]
+    if not (missing or unexpected) or _migrates_keys(model):
+        return
+    canonical = canonical_key_map(model)
+    parts = []
+    if missing:
+        parts.append(f"the model has {[canonical[k] for k in missing]} that the checkpoint lacks")
+    if unexpected:
+        parts.append(f"the checkpoint has {unexpected} that the model lacks")
+    raise StateMismatchError(
+        f"Cannot restore {entry!r}: {' and '.join(parts)}. Likely cause: the model's architecture changed "
+        "since the checkpoint was saved. Build the model as it was saved, or load what fits with "
+        "restore(..., allow_shape_mismatch=True). Nothing was loaded."
+    )
+
+
 def check_shapes(
     saved: Mapping[str, Any],
     model: nn.Module,
@@ -126,6 +160,7 @@ def check_shapes(
     Raises:
         StateMismatchError: Naming every mismatched parameter with both shapes, and ``fix``.
     """
+    _check_keys(saved, model, entry)
     mismatches = find_shape_mismatches(saved, model)
     if not mismatches:
         return
