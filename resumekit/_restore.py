@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c
 import torch
 
-from ._codec import decode
+from ._codec import TensorTable, decode, encode
 from ._dist import World
 from ._entries import Item, crc_hex
 from ._keys import load_canonical
 from ._manifest import SCOPE_RANK, Manifest, entry_files, step_dir
+from ._partial import module_state
 from ._shapes import load_matching
 from ._storage import Buffer, Storage
-from ._tensorfile import tensors_from_buffer
+from ._tensorfile import RangeReader, matches_exactly, read_header, read_tensors, tensors_from_buffer
 from .errors import CheckpointCorruptError, StateMismatchError
 
 __all__ = ["Loaded", "apply_entry", "load_step", "read_verified"]
@@ -32,12 +36,25 @@ class Loaded:
 
 
 def load_step(
-    storage: Storage, url: str, step: int, items: list[Item], world: World, strict: bool
+    storage: Storage,
+    url: str,
+    step: int,
+    items: list[Item],
+    world: World,
+    strict: bool,
+    in_place: Callable[[Manifest, Mapping[str, Any]], Collection[str]] | None = None,
+    touched: list[str] | None = None,
 ) -> Loaded | None:
     """Read, verify and decode ``step``'s entries for this rank; None when it is not committed.
 
-    Every file is read once; its size and crc32c are checked before it is parsed. Nothing is loaded
-    into the user's objects here.
+    Every file is read once and its size and crc32c are checked. Nothing is loaded into the user's
+    objects here, with one exception: after every other entry is decoded, ``in_place(manifest,
+    values_so_far)`` names the Module and Optimizer entries whose live tensors a tensor file may be
+    read straight into (when it matches them exactly). The caller names entries only when every
+    check that follows would pass, so a refused restore still changes nothing; a file that then
+    fails its checksum has left unverified bytes in those tensors (the error says so; the fallback
+    to an earlier checkpoint overwrites them). The names of entries whose objects were (or were being)
+    read into are appended to ``touched``, also when this raises.
     """
     where = f"{url}/{step_dir(step)}"
     raw = storage.read_manifest(step)
@@ -55,44 +72,206 @@ def load_step(
             "Restore with strict=False to leave those entries as they are, or remove them from state."
         )
     out = Loaded(m)
-    for it in items:
-        entry = m.entries.get(it.name)
-        if entry is None:
-            continue
-        rank = world.rank if entry.scope == SCOPE_RANK else 0
-        if rank not in entry.ranks:
-            out.absent_rank.append(it.name)
-            continue
-        json_name, st_name = entry_files(it.name, entry.scope, rank, True)
-        json_name, st_name = m.data_prefix + json_name, m.data_prefix + (st_name or "")
-        try:
-            skeleton = json.loads(read_verified(storage, step, m, json_name, where).tobytes())
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
-        tensors: dict[str, torch.Tensor] = {}
-        if st_name in m.files:
-            tensors = tensors_from_buffer(
-                read_verified(storage, step, m, st_name, where), f"{where}/{st_name}"
-            )
-
-        def lookup(
-            name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}"
-        ) -> torch.Tensor:
-            try:
-                return _t[name]
-            except KeyError:
-                raise CheckpointCorruptError(f"{_w} has no tensor '{name}' the skeleton refers to") from None
-
-        out.values[it.name] = decode(skeleton, lookup, it.name)
+    # Entries that could be read in place (Modules, Optimizers) come last, so that in_place() can
+    # run every check on the values of all the others first.
+    live = [it for it in items if live_tensors_possible(it.obj)]
+    touchable: frozenset[str] = frozenset()
+    with contextlib.ExitStack() as stack:
+        # Files opened to check their headers stay open for the data: each file is opened once.
+        readers = _Readers(storage, step, m, where, stack, touched if touched is not None else [])
+        if not readers.supported:
+            readers.prefetch([f for it in items for f in _files_of(m, it, world) if f])
+        for it in [it for it in items if not live_tensors_possible(it.obj)] + live:
+            if in_place is not None and live and it is live[0]:
+                touchable = frozenset(in_place(m, out.values))
+                # Modules all or none: a module file that does not match is refused by the shape
+                # check after the read, and by then no other entry may have been read in place. An
+                # optimizer file that does not match (e.g. a fresh optimizer without state yet) is
+                # simply read into new memory.
+                modules = [x for x in live if x.name in touchable and isinstance(x.obj, torch.nn.Module)]
+                if not _all_match(readers, m, modules, world, where):
+                    touchable = frozenset()
+            _load_entry(readers, m, it, world, where, it.name in touchable, out)
     return out
 
 
-def read_verified(storage: Storage, step: int, m: Manifest, relpath: str, where: str) -> Buffer:
-    """A file's bytes, after checking them against the manifest's size and crc32c."""
+def _load_entry(
+    readers: _Readers, m: Manifest, it: Item, world: World, where: str, touch: bool, out: Loaded
+) -> None:
+    entry = m.entries.get(it.name)
+    if entry is None:
+        return
+    rank = world.rank if entry.scope == SCOPE_RANK else 0
+    if rank not in entry.ranks:
+        out.absent_rank.append(it.name)
+        return
+    json_name, st_name = _files_of(m, it, world)
+    try:
+        skeleton = json.loads(readers.verified(json_name).tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
+    tensors: dict[str, torch.Tensor] = {}
+    if st_name:
+        tensors = _read_tensor_file(readers, m, st_name, where, it if touch else None)
+
+    def lookup(
+        name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}"
+    ) -> torch.Tensor:
+        try:
+            return _t[name]
+        except KeyError:
+            raise CheckpointCorruptError(f"{_w} has no tensor '{name}' the skeleton refers to") from None
+
+    out.values[it.name] = decode(skeleton, lookup, it.name)
+
+
+def _files_of(m: Manifest, it: Item, world: World) -> tuple[str, str]:
+    """The JSON and tensor file (``""`` when it has none) of ``it`` that this rank reads."""
+    entry = m.entries.get(it.name)
+    if entry is None:
+        return "", ""
+    rank = world.rank if entry.scope == SCOPE_RANK else 0
+    if rank not in entry.ranks:
+        return "", ""
+    json_name, st_name = entry_files(it.name, entry.scope, rank, True)
+    return m.data_prefix + json_name, (
+        m.data_prefix + st_name if st_name and m.data_prefix + st_name in m.files else ""
+    )
+
+
+#: Files of one checkpoint fetched at once from a store without positional reads (an object store):
+#: each file already moves as parallel ranged GETs, and overlapping files hides each one's slowest range.
+_PREFETCH_FILES = 3
+
+
+class _Readers:
+    """The files of one step: opened once for positional reads, or fetched whole and concurrently."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        step: int,
+        m: Manifest,
+        where: str,
+        stack: contextlib.ExitStack,
+        touched: list[str],
+    ) -> None:
+        self.storage = storage
+        self.touched = touched  # entries whose live tensors a file is (being) read into
+        self.step = step
+        self.m = m
+        self.where = where
+        self.stack = stack
+        self.supported = callable(getattr(storage, "open_reader", None))
+        self.open: dict[str, RangeReader] = {}
+        self.fetched: dict[str, Future[Buffer]] = {}
+
+    def prefetch(self, relpaths: list[str]) -> None:
+        """Start fetching whole files in the background (each is then verified where it is used)."""
+        if len(relpaths) < 2:
+            return
+        pool = ThreadPoolExecutor(max_workers=_PREFETCH_FILES, thread_name_prefix="resumekit-fetch")
+        self.stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        for rel in relpaths:
+            rec = self.m.files.get(rel)
+            if rec is not None and rel not in self.fetched:
+                self.fetched[rel] = pool.submit(self.storage.read_file, self.step, rel, rec.size)
+
+    def verified(self, relpath: str) -> Buffer:
+        """A whole file's bytes, checked against the manifest's size and crc32c."""
+        fut = self.fetched.pop(relpath, None)
+        return read_verified(self.storage, self.step, self.m, relpath, self.where, fut)
+
+    def get(self, relpath: str, size: int) -> RangeReader:
+        reader = self.open.get(relpath)
+        if reader is None:
+            open_reader = self.storage.open_reader  # type: ignore[attr-defined]  # checked in __init__
+            reader = self.stack.enter_context(open_reader(self.step, relpath, size))
+            self.open[relpath] = reader
+        return reader
+
+
+def _read_tensor_file(
+    readers: _Readers, m: Manifest, relpath: str, where: str, live: Item | None
+) -> dict[str, torch.Tensor]:
+    """A tensor file's tensors, checked against the manifest's size and crc32c.
+
+    Read with positional reads (several in flight, the checksum in the same pass) where the storage
+    offers them, into the live tensors of ``live`` when the file matches them exactly.
+    """
     rec = m.files.get(relpath)
     if rec is None:
         raise CheckpointCorruptError(f"{where}: manifest does not list '{relpath}'")
-    buf = storage.read_file(step, relpath, rec.size)
+    if not readers.supported:  # a storage without positional reads (an object store)
+        buf = readers.verified(relpath)
+        return tensors_from_buffer(buf, f"{where}/{relpath}")
+    dest = live_tensors(live.obj) if live is not None else None
+    reader = readers.get(relpath, rec.size)
+    if dest is not None and not matches_exactly(dest, read_header(reader, rec.size, f"{where}/{relpath}")):
+        dest = None  # e.g. an optimizer without state yet: its tensors go into new memory
+    if dest is not None and live is not None:
+        readers.touched.append(live.name)
+    tensors, crc = read_tensors(reader, rec.size, f"{where}/{relpath}", dest)
+    actual = crc_hex(crc)
+    if actual != rec.crc32c:
+        raise CheckpointCorruptError(
+            f"{where}/{relpath}: crc32c {actual} does not match the manifest's {rec.crc32c}; "
+            "the file was corrupted after it was written (disk, transfer or a manual edit)."
+            + (
+                f" It was read into '{live.name}' in place: falling back to an earlier checkpoint overwrites "
+                "those tensors; if no checkpoint verifies, re-initialise that object."
+                if dest is not None and live is not None
+                else ""
+            )
+        )
+    return tensors
+
+
+def _all_match(readers: _Readers, m: Manifest, live: list[Item], world: World, where: str) -> bool:
+    """Whether every tensor file of ``live`` matches its object's live tensors exactly (headers only)."""
+    if not readers.supported:
+        return False
+    for it in live:
+        st_name = _files_of(m, it, world)[1]
+        rec = m.files.get(st_name)
+        if rec is None:
+            continue
+        dest = live_tensors(it.obj)
+        if dest is None:
+            return False
+        header = read_header(readers.get(st_name, rec.size), rec.size, f"{where}/{st_name}")
+        if not matches_exactly(dest, header):
+            return False
+    return True
+
+
+def live_tensors_possible(obj: Any) -> bool:
+    """Whether ``obj``'s checkpoint tensors may be read into its live tensors: a Module or Optimizer,
+    whose ``load_state_dict`` sets every value it is given anyway."""
+    return isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
+
+
+def live_tensors(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The tensors of a Module's or Optimizer's state, named as a save names them (None for others)."""
+    if not live_tensors_possible(obj):
+        return None
+    try:
+        table = TensorTable()
+        encode(module_state(obj) if isinstance(obj, torch.nn.Module) else obj.state_dict(), table)
+    except Exception:  # a state the codec refuses is save's error to report; here: no shortcut
+        return None
+    return table.tensors
+
+
+def read_verified(
+    storage: Storage, step: int, m: Manifest, relpath: str, where: str, fetched: Future[Buffer] | None = None
+) -> Buffer:
+    """A file's bytes (``fetched`` when already on its way), after checking them against the manifest's
+    size and crc32c."""
+    rec = m.files.get(relpath)
+    if rec is None:
+        raise CheckpointCorruptError(f"{where}: manifest does not list '{relpath}'")
+    buf = fetched.result() if fetched is not None else storage.read_file(step, relpath, rec.size)
     actual = crc_hex(crc32c.crc32c(buf))
     if actual != rec.crc32c:
         raise CheckpointCorruptError(

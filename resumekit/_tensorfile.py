@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import crc32c
 import torch
 
 from .errors import CheckpointCorruptError, UnsafeCheckpointError
 
-__all__ = ["TensorSpec", "parse_header", "tensors_from_buffer", "write_tensors"]
+__all__ = [
+    "RangeReader",
+    "matches_exactly",
+    "read_header",
+    "TensorSpec",
+    "parse_header",
+    "read_tensors",
+    "tensors_from_buffer",
+    "write_tensors",
+]
 
 _CHUNK = 64 << 20
 #: A header larger than this is refused before it is parsed (safetensors' own limit is 100 MB).
@@ -150,15 +162,25 @@ def parse_header(buf: Any, where: str) -> tuple[dict[str, TensorSpec], int]:
         UnsafeCheckpointError: the header declares absurd sizes.
     """
     total = len(buf)
-    if total < 8:
+    n = _header_len(bytes(buf[:8]), total, where)
+    return _parse_header_json(bytes(buf[8 : 8 + n]), total, where)
+
+
+def _header_len(prefix: bytes, total: int, where: str) -> int:
+    if total < 8 or len(prefix) < 8:
         raise CheckpointCorruptError(f"{where}: {total} bytes is too short for a safetensors file")
-    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES or n > total - 8:
         raise UnsafeCheckpointError(
             f"{where}: header claims {n} bytes but the file has {total}; the file is truncated or hostile."
         )
+    return int(n)
+
+
+def _parse_header_json(raw: bytes, total: int, where: str) -> tuple[dict[str, TensorSpec], int]:
+    n = len(raw)
     try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointCorruptError(f"{where}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -236,3 +258,123 @@ def tensors_from_buffer(buf: Any, where: str) -> dict[str, torch.Tensor]:
                 spec.shape
             )
     return out
+
+
+#: Bytes a reader thread fills per call; large enough for sequential disk throughput, small enough
+#: that the checksum (computed in file order) trails the reads by little.
+_READ_CHUNK = 32 << 20
+_READ_WORKERS = 4
+
+
+class RangeReader(Protocol):
+    """Reads exact byte ranges of one file of known size."""
+
+    #: True when :meth:`read_at` may run in several threads at once (positional reads).
+    parallel: bool
+
+    def read_at(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` with the file's bytes from ``offset``; raise CheckpointCorruptError at a premature end."""
+        ...
+
+
+def _fits(dest: torch.Tensor, spec: TensorSpec) -> bool:
+    """Whether the file's bytes for ``spec`` can be read straight into ``dest``'s memory."""
+    return (
+        dest.device.type == "cpu"
+        and dest.dtype == spec.dtype
+        and tuple(dest.shape) == spec.shape
+        and dest.is_contiguous()
+        and not dest.is_conj()
+        and not dest.is_neg()
+    )
+
+
+def _read_raw_header(reader: RangeReader, size: int, where: str) -> bytes:
+    """The 8-byte length prefix and the JSON header, as stored."""
+    prefix = bytearray(8)
+    if size < 8:
+        raise CheckpointCorruptError(f"{where}: {size} bytes is too short for a safetensors file")
+    reader.read_at(memoryview(prefix), 0)
+    raw = bytearray(8 + _header_len(bytes(prefix), size, where))
+    raw[:8] = prefix
+    reader.read_at(memoryview(raw)[8:], 8)
+    return bytes(raw)
+
+
+def read_header(reader: RangeReader, size: int, where: str) -> dict[str, TensorSpec]:
+    """Read and validate only the header of a safetensors file of ``size`` bytes."""
+    raw = _read_raw_header(reader, size, where)
+    return _parse_header_json(raw[8:], size, where)[0]
+
+
+def matches_exactly(dest: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> bool:
+    """Whether the file's tensors can all be read into ``dest``: same names, dtypes and shapes (CPU, contiguous)."""
+    return dest.keys() == specs.keys() and all(_fits(dest[n], sp) for n, sp in specs.items())
+
+
+def read_tensors(
+    reader: RangeReader, size: int, where: str, dest: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a safetensors file of ``size`` bytes; return its tensors and the crc32c of every byte.
+
+    When ``dest`` matches the file exactly (the same names, and for each a CPU, contiguous tensor of
+    the same dtype and shape), every tensor is read straight into the memory of its ``dest`` tensor
+    and returned as that tensor: no intermediate copy and no new memory, whose first touch costs as
+    much as the read itself on some machines. Otherwise every tensor is read into new, uninitialised
+    memory and ``dest`` is untouched, so a caller's shape or key checks on the result still refuse a
+    mismatched checkpoint before anything changed. The header is fully validated before any byte is
+    read. The checksum covers the bytes as they arrive, in file order, while later chunks are still
+    being read.
+
+    Args:
+        reader: positional access to the file.
+        size: the file's size (from the manifest, already checked against the file).
+        where: the file's name for error messages.
+        dest: name -> live tensor to read into (names as :class:`~resumekit._codec.TensorTable` gives them),
+            or None.
+
+    Returns:
+        ``(tensors, crc32c)``. The caller must compare the checksum before trusting the values; on a
+        mismatch, tensors of ``dest`` hold unverified bytes.
+
+    Raises:
+        CheckpointCorruptError: the header is malformed or the file ends early.
+        UnsafeCheckpointError: the header declares absurd sizes.
+    """
+    raw = _read_raw_header(reader, size, where)
+    specs, data_start = _parse_header_json(raw[8:], size, where)
+    crc = crc32c.crc32c(raw)
+    out: dict[str, torch.Tensor] = {}
+    chunks: list[tuple[memoryview, int]] = []
+    if dest is not None and not matches_exactly(dest, specs):
+        dest = None
+    for name, spec in sorted(specs.items(), key=lambda kv: kv[1].begin):
+        target = dest[name] if dest is not None else torch.empty(spec.shape, dtype=spec.dtype)
+        out[name] = target
+        nbytes = spec.end - spec.begin
+        if nbytes == 0:
+            continue
+        arr: Any = target.detach().reshape(-1).view(torch.uint8).numpy()
+        mv = memoryview(arr)
+        for i in range(0, nbytes, _READ_CHUNK):
+            chunks.append((mv[i : i + _READ_CHUNK], data_start + spec.begin + i))
+    if not reader.parallel or len(chunks) < 2:
+        for mv, offset in chunks:
+            reader.read_at(mv, offset)
+            crc = crc32c.crc32c(mv, crc)
+        return out, crc
+    # Reads run ahead in worker threads (several requests in flight keep a virtual or network disk
+    # busy); the checksum follows in file order in this thread, so it costs no extra pass.
+    with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="resumekit-read") as pool:
+        futures: deque[tuple[memoryview, Future[None]]] = deque(
+            (mv, pool.submit(reader.read_at, mv, offset)) for mv, offset in chunks
+        )
+        try:
+            while futures:
+                mv, fut = futures.popleft()
+                fut.result()
+                crc = crc32c.crc32c(mv, crc)
+        finally:
+            for _, fut in futures:
+                fut.cancel()
+    return out, crc

@@ -299,12 +299,22 @@ class Checkpointer:
         strict: bool = True,
         only: Iterable[str] | None = None,
         allow_shape_mismatch: bool = False,
+        verify_first: bool = False,
     ) -> RestoreResult | None:
         """Load the newest checkpoint that verifies (or ``step``) into ``state``, in place.
 
-        Every file is read once and checked against the manifest's size and crc32c before any object is
-        touched. A checkpoint that fails is named in a warning and the previous one is tried. RNG entries
-        are restored after every other entry.
+        Every file is read once and checked against the manifest's size and crc32c. A checkpoint that
+        fails is named in a warning and the previous one is tried. RNG entries are restored after every
+        other entry. Every check that can refuse a checkpoint (manifest, drift, names, shapes, dtypes,
+        ``resumekit_validate`` hooks) runs before any object is touched.
+
+        On local disk, a Module's or Optimizer's tensor file that matches its live tensors exactly is
+        read straight into them, with the checksum computed in the same pass: no second copy of the
+        state in memory and no copy afterwards. The price: if such a file then fails its checksum (bit
+        rot between save and restore), those tensors hold unverified bytes until the fallback to the
+        previous checkpoint overwrites them; if no checkpoint verifies, the error says which objects to
+        re-create. ``verify_first=True`` keeps every object untouched until every byte is verified, at
+        the cost of memory for a full copy of the checkpoint's tensors and a copy into the objects.
 
         Args:
             state: entry name -> object, as given to :meth:`save`.
@@ -319,6 +329,9 @@ class Checkpointer:
             allow_shape_mismatch: load every module tensor whose shape fits and keep the model's own
                 values for the rest (listed in ``RestoreResult.skipped_tensors``), e.g. after a
                 vocabulary grew. By default a mismatch raises before anything is loaded.
+            verify_first: verify every file of the checkpoint before any tensor of ``state`` changes,
+                even when a checksum fails (see above). Use it to roll a live run back to an earlier
+                checkpoint while keeping the live state should every checkpoint turn out corrupt.
 
         Returns:
             None when the root holds no committed checkpoint (a fresh run), else a :class:`RestoreResult`.
@@ -327,7 +340,8 @@ class Checkpointer:
             CheckpointNotFoundError: ``step`` was given and is not committed.
             CheckpointCorruptError: no committed checkpoint verifies (each one's failure is listed).
             StorageError: the store could not be read (after retries); no fallback to an older
-                checkpoint happens, since that would silently rewind the run.
+                checkpoint happens, since that would silently rewind the run. Tensors being read in
+                place may then hold part of the checkpoint (never with ``verify_first=True``).
             UnsupportedFormatError: the checkpoint needs a newer resumekit.
             DriftError: the drift policy rates a change as an error (nothing was loaded).
             StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``), or a
@@ -351,14 +365,46 @@ class Checkpointer:
                     f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {self.steps()}"
                 )
             candidates = [step]
+
+        # Reading straight into live tensors skips a copy and fresh memory (on some machines as costly
+        # as the disk read). It is done only when every check that runs after the read would pass
+        # (drift, validate hooks, exact names and shapes), so a refused restore still changes nothing.
+        def in_place(m: Manifest, values: Mapping[str, Any]) -> frozenset[str]:
+            if allow_shape_mismatch or self._drift(m, world).errors:
+                return frozenset()
+            for it in items:
+                validate = getattr(it.obj, "resumekit_validate", None)
+                if it.name in chosen and callable(validate):
+                    if it.name not in values:
+                        return frozenset()
+                    try:
+                        validate(values[it.name])
+                    except Exception:  # raised again below, before anything is touched
+                        return frozenset()
+            return frozenset(
+                it.name
+                for it in items
+                if it.name in chosen and not callable(getattr(it.obj, "resumekit_validate", None))
+            )
+
         skipped: list[tuple[int, str]] = []
         loaded: Loaded | None = None
+        touched: list[str] = []  # entries read in place by a candidate that then failed
         for s in reversed(candidates):
             result: Loaded | None = None
             reason, io_error = "", ""
             local_io: StorageError | None = None
             try:
-                result = load_step(self._storage, self.url, s, wanted, world, strict)
+                result = load_step(
+                    self._storage,
+                    self.url,
+                    s,
+                    wanted,
+                    world,
+                    strict,
+                    None if verify_first else in_place,
+                    touched,
+                )
             except (CheckpointCorruptError, UnsafeCheckpointError) as exc:
                 reason = str(exc)
             except StorageError as exc:
@@ -369,6 +415,8 @@ class Checkpointer:
             failed_io = [f"rank {r}: {io}" for r, (_, io) in enumerate(reports) if io]
             if failed_io:
                 if local_io is not None:
+                    if touched and hasattr(local_io, "add_note"):  # Python 3.11+
+                        local_io.add_note(_touched_note(touched).strip())
                     raise local_io
                 raise StorageError(
                     f"reading checkpoint step {s} in '{self.url}' failed: {'; '.join(failed_io)}"
@@ -384,7 +432,7 @@ class Checkpointer:
             why = "; ".join(bad)
             if step is not None:
                 raise CheckpointCorruptError(
-                    f"checkpoint step {s} in '{self.url}' failed verification: {why}"
+                    f"checkpoint step {s} in '{self.url}' failed verification: {why}" + _touched_note(touched)
                 )
             warnings.warn(
                 f"resumekit: checkpoint step {s} in '{self.url}' failed verification and is skipped: {why}. "
@@ -398,18 +446,11 @@ class Checkpointer:
                 raise CheckpointCorruptError(
                     f"no checkpoint in '{self.url}' verifies:\n{listing}\n"
                     "Inspect them with `resumekit verify URL`; start fresh with a new folder if none can be saved."
+                    + _touched_note(touched)
                 )
             return None
         m = loaded.manifest
-        report = compare(
-            m.environment,
-            m.config,
-            collect_environment(world_size=world.size, amp_dtype=self.amp_dtype),
-            self.config,
-            self.drift_policy,
-            saved_format=m.format_version,
-            current_format=FORMAT_VERSION,
-        )
+        report = self._drift(m, world)
         report.raise_for_errors()  # before any object is touched
         report.emit(log, stacklevel=2)
         for name in loaded.absent_rank:
@@ -457,6 +498,17 @@ class Checkpointer:
             skipped_tensors=tuple(skipped_tensors),
         )
 
+    def _drift(self, m: Manifest, world: World) -> DriftReport:
+        return compare(
+            m.environment,
+            m.config,
+            collect_environment(world_size=world.size, amp_dtype=self.amp_dtype),
+            self.config,
+            self.drift_policy,
+            saved_format=m.format_version,
+            current_format=FORMAT_VERSION,
+        )
+
     @staticmethod
     def _reset(state: Mapping[str, Any], group: list[str], loaded: Loaded) -> None:
         if group:
@@ -476,3 +528,14 @@ class Checkpointer:
             self.wait()
         finally:
             self._staging.clear()
+
+
+def _touched_note(touched: list[str]) -> str:
+    """What a failed restore left in objects it read into in place ("" when none)."""
+    if not touched:
+        return ""
+    names = ", ".join(sorted(set(touched)))
+    return (
+        f"\nThe tensors of {names} were being read in place and may hold part of a checkpoint: re-create "
+        "these objects before using them (restore with verify_first=True to keep them untouched on failure)."
+    )
