@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import crc32c
 import torch
@@ -150,14 +152,42 @@ def write(
 
 
 def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRecord]:
-    files: dict[str, FileRecord] = {}
+    """Write every entry's files, up to ``stage.parallel_files`` at once; return their records.
+
+    Every file is finished (durable, or failed) before this returns or raises, so an abort that
+    follows a failure never races a write still in progress.
+    """
+    Fill = Callable[[IO[bytes]], "tuple[int, int]"]
+    jobs: list[tuple[int, str, Fill]] = []  # (bytes, path, writes the file and returns (size, crc))
     for it, skeleton, tensors in snap.encoded:
         json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(tensors))
-        with stage.open_write(stage.data_prefix + json_name) as f:
-            f.write(skeleton)
-        files[stage.data_prefix + json_name] = FileRecord(len(skeleton), crc_hex(crc32c.crc32c(skeleton)))
+        jobs.append((len(skeleton), stage.data_prefix + json_name, functools.partial(_write_bytes, skeleton)))
         if st_name is not None:
-            with stage.open_write(stage.data_prefix + st_name) as f:
-                size, crc = write_tensors(f, tensors)
-            files[stage.data_prefix + st_name] = FileRecord(size, crc_hex(crc))
-    return files
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            jobs.append(
+                (nbytes, stage.data_prefix + st_name, functools.partial(write_tensors, tensors=tensors))
+            )
+
+    def run(job: tuple[int, str, Fill]) -> tuple[str, FileRecord]:
+        _, relpath, fill = job
+        with stage.open_write(relpath) as f:
+            size, crc = fill(f)
+        return relpath, FileRecord(size, crc_hex(crc))
+
+    workers = min(getattr(stage, "parallel_files", 1), sum(1 for n, _, _ in jobs if n >= _PARALLEL_MIN_BYTES))
+    if workers <= 1:
+        return dict(run(job) for job in jobs)
+    jobs.sort(key=lambda job: -job[0])  # big files first: small ones fill the gaps, not the tail
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-write") as pool:
+        futures = [pool.submit(run, job) for job in jobs]
+        wait(futures)
+    return dict(f.result() for f in futures)  # raises the first failure, after every file finished
+
+
+#: Files smaller than this are not worth a thread of their own.
+_PARALLEL_MIN_BYTES = 8 << 20
+
+
+def _write_bytes(data: bytes, f: IO[bytes]) -> tuple[int, int]:
+    f.write(data)
+    return len(data), crc32c.crc32c(data)

@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol
 import torch
 
 from ._manifest import MANIFEST, parse_step_dir, step_dir
+from ._tensorfile import RangeReader
 from .errors import (
     CheckpointCorruptError,
     CommitConflictError,
@@ -54,6 +55,8 @@ class Stage(Protocol):
     """A checkpoint being written: data files first, then :meth:`commit`."""
 
     data_prefix: str
+    #: How many data files a save writes at once (``open_write`` is called from that many threads).
+    parallel_files: int
 
     def open_write(self, relpath: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """Open a data file for writing; it is durable when the context exits without error."""
@@ -69,7 +72,13 @@ class Stage(Protocol):
 
 
 class Storage(Protocol):
-    """One checkpoint root (a folder or an object-store prefix)."""
+    """One checkpoint root (a folder or an object-store prefix).
+
+    A storage may also offer ``open_reader(step, relpath, size)``, a context manager giving a
+    :class:`~resumekit._tensorfile.RangeReader` (positional reads, several in flight). Restore then reads
+    tensor files straight into live tensors; without it (object stores) files are fetched whole, several
+    at once.
+    """
 
     url: str
 
@@ -123,6 +132,9 @@ class _LocalStage:
         self.step = step
         self.tmp = os.path.join(root, f"{_TMP_PREFIX}{step_dir(step)}-{writer_id}")
         self.data_prefix = ""
+        # Two files written and fsynced at once took 0.9 s where one after the other took 2.0-2.6 s
+        # (2 x 512 MiB, this project's virtio disk): one file's fsync overlaps the other's writes.
+        self.parallel_files = 4
         try:
             os.makedirs(self.tmp, exist_ok=True)
         except OSError as exc:
@@ -177,6 +189,29 @@ class _LocalStage:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _PreadReader:
+    """Positional reads of a local file: thread-safe, so several requests can be in flight."""
+
+    parallel = True
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    def read_at(self, buf: memoryview, offset: int) -> None:
+        got, want = 0, len(buf)
+        while got < want:
+            try:
+                n = os.preadv(self.fd, [buf[got:]], offset + got)
+            except OSError as exc:
+                raise _io_error(exc, "reading", self.path) from exc
+            if not n:
+                raise CheckpointCorruptError(
+                    f"'{self.path}' ended at byte {offset + got}, before {offset + want}"
+                )
+            got += n
 
 
 class LocalStorage:
@@ -246,6 +281,27 @@ class LocalStorage:
         except OSError as exc:
             raise _io_error(exc, "reading", path) from exc
 
+    @contextlib.contextmanager
+    def open_reader(self, step: int, relpath: str, size: int) -> Iterator[RangeReader]:
+        path = self._step_path(step, relpath)
+        try:
+            fd = self._open_inside(step, relpath)
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+        except OSError as exc:
+            raise _io_error(exc, "reading", path) from exc
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise CheckpointCorruptError(
+                    f"'{path}' is {actual} bytes, the manifest says {size}: the file was truncated or replaced."
+                )
+            if hasattr(os, "posix_fadvise"):  # a hint only: larger read-ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            yield _PreadReader(fd, path)
+        finally:
+            os.close(fd)
+
     def stage(self, step: int, writer_id: str) -> Stage:
         # No existence check here: rank 0 checked before the save and broadcast it, and the commit
         # (a rename that refuses a committed target) is the guard against a writer that raced us.
@@ -285,6 +341,12 @@ class LocalStorage:
         return removed
 
 
+#: Objects one save uploads at once, and the S3 part uploads in flight shared among them (memory stays
+#: below about (this + objects) x 64 MiB part buffers, whatever the checkpoint's size).
+_PARALLEL_OBJECTS = 2
+_REQUESTS_IN_FLIGHT = 8
+
+
 class _FsspecStage:
     def __init__(self, store: FsspecStorage, step: int, writer_id: str) -> None:
         self.store = store
@@ -292,6 +354,9 @@ class _FsspecStage:
         self.writer_id = writer_id
         # A folder private to this writer: two writers racing for one step never mix files.
         self.data_prefix = f"w-{writer_id}/"
+        # Objects upload side by side (each S3 object's parts too, within one budget of requests in
+        # flight), so one object's slow last part or completion overlaps the next one's upload.
+        self.parallel_files = _PARALLEL_OBJECTS
 
     @contextlib.contextmanager
     def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
@@ -300,7 +365,9 @@ class _FsspecStage:
         path = self.store._path(self.step, relpath)
         try:
             # Parallel multipart on S3; an upload whose body raises is aborted, never completed.
-            with open_upload(self.store.fs, path) as f:
+            with open_upload(
+                self.store.fs, path, max_concurrency=max(1, _REQUESTS_IN_FLIGHT // self.parallel_files)
+            ) as f:
                 yield f
         except OSError as exc:
             raise _io_error(exc, "writing", path) from exc
