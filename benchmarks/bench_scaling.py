@@ -42,8 +42,9 @@ if HERE not in sys.path:
 import bench_save_restore as bsr  # noqa: E402  (the methods, the state and the machine description)
 
 METHODS = ("raw", "resumekit", "torch.save")
-#: Restore-only diagnostic: the raw file read into a newly allocated buffer (as resumekit's restore does
-#: before loading), to separate the cost of fresh memory from the cost of the disk.
+#: Restore-only diagnostic: the raw file read into a newly allocated buffer (what a restore into a fresh
+#: process pays for tensors that do not exist yet, e.g. Adam's moments before its first step, and what
+#: ``torch.load`` always pays), to separate the cost of fresh memory from the cost of the disk.
 FRESH = "raw-fresh"
 OPS: dict[str, tuple[str, ...]] = {"save": METHODS, "restore": (*METHODS, FRESH)}
 LABELS = {
@@ -335,9 +336,10 @@ def write_markdown(
             else "**not dropped** (not permitted): restores read from the page cache."
         ),
         '- "raw read into a new buffer" is a diagnostic, restore only: the raw file read (cold) into newly '
-        "allocated, uninitialised memory (`torch.empty`), as resumekit's local restore reads each file into a "
-        'new buffer before loading it into the live tensors; next to "raw read" (straight into the live, '
-        "resident tensors) it shows what fresh memory (first-touch page faults) costs on this machine.",
+        "allocated, uninitialised memory (`torch.empty`), what `torch.load` always pays and what a restore pays "
+        "for tensors that do not exist yet (Adam's moments in a fresh process); resumekit reads into the live "
+        'tensors when they exist, like "raw read"; the gap between the two shows what fresh memory '
+        "(first-touch page faults) costs on this machine.",
         "- Growth exponent: slope of log(seconds) against log(bytes) over the sizes (1.00 = linear; below 1, "
         "fixed costs dominate the small sizes).",
         "",
