@@ -115,7 +115,9 @@ def test_sigkill_twice_at_random_instants_then_resubmit_is_bitwise_identical(
     targets = [rng.randint(2, TOTAL_MICRO // 3), 0]
     for i in range(2):
         if i == 1:
-            targets[1] = rng.randint(_latest_step(out) + 2, 2 * TOTAL_MICRO // 3)
+            # Counted from where the second job resumes: a first job killed late must not empty the range.
+            lo = _latest_step(out) + 2
+            targets[1] = rng.randint(lo, max(lo, 2 * TOTAL_MICRO // 3))
         proc = _start(out, log)
         try:
             _wait_for_step(proc, out, targets[i])
