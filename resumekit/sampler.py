@@ -12,6 +12,13 @@ so every rank gets the same count, or with its tail dropped when ``drop_last``; 
 ``num_replicas``-th element from offset ``r``. A resume with the same world size continues the same
 partition; a resume with a different world size starts a new partition at the saved position, so every
 sample the epoch has not yet seen is visited exactly once across the new ranks (plus padding).
+
+Order kinds. ``"torch"`` (the default) is ``DistributedSampler``'s order, built whole with
+``torch.randperm``. ``"random-access"`` is a keyed pseudo-random permutation that gives any position's
+element directly (:mod:`resumekit._permutation`): the sampler computes its rank's indices chunk by chunk
+from its positions in the padded partition (segment position ``q`` is element ``start + q % remaining``
+of the order, which is exactly the padding rule above), so landing anywhere costs one small chunk and
+memory does not grow with the dataset. Partitioning, positions and the record are the same for both.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sized
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from resumekit._permutation import RandomAccessPermutation, strided_chunks
 from resumekit.errors import StateMismatchError
 
 __all__ = [
+    "OrderKind",
     "ResumableSampler",
     "epoch_order",
     "partition_indices",
@@ -36,24 +45,35 @@ __all__ = [
 
 _FORMAT = 1
 
+OrderKind = Literal["torch", "random-access"]
+"""How an epoch's order is drawn; fixed for a run (see :class:`ResumableSampler`)."""
+_ORDER_KINDS: tuple[str, ...] = get_args(OrderKind)
+_CHUNK = 1 << 16
+
 
 # ------------------------------------------------------------------------------------- pure functions
 
 
-def epoch_order(seed: int, epoch: int, length: int, shuffle: bool) -> torch.Tensor:
-    """The order of one epoch: what ``DistributedSampler`` shuffles before padding and splitting.
+def epoch_order(
+    seed: int, epoch: int, length: int, shuffle: bool, order: OrderKind = "torch"
+) -> torch.Tensor:
+    """The order of one epoch: what the sampler shuffles before padding and splitting.
 
     Args:
         seed: The sampler's seed.
         epoch: The epoch number.
         length: The dataset length.
-        shuffle: ``False`` gives ``0..length-1``.
+        shuffle: ``False`` gives ``0..length-1`` (for either kind).
+        order: ``"torch"``: what ``DistributedSampler`` draws. ``"random-access"``: the sampler's
+            random-access order, materialised here whole (O(length) memory; the sampler never does this).
 
     Returns:
         A 1-D int64 tensor, a permutation of ``range(length)``.
     """
     if not shuffle:
         return torch.arange(length, dtype=torch.int64)
+    if order == "random-access":
+        return torch.from_numpy(RandomAccessPermutation(length, seed, epoch).full())
     g = torch.Generator()
     g.manual_seed(seed + epoch)
     return torch.randperm(length, generator=g)
@@ -158,6 +178,17 @@ class ResumableSampler(Sampler[int]):
     :class:`~resumekit.ResumableLoader`, only when the training loop receives a batch, so batches
     prefetched by worker processes are not counted.
 
+    Order kinds (fixed for a run; the record stores it and a restore with the other kind is an error):
+
+    * ``"torch"`` (default): ``torch.randperm`` seeded with ``seed + epoch``, identical to
+      ``DistributedSampler`` / ``RandomSampler``; it can take over a run that used them. Each iteration
+      builds the whole permutation: O(n) time and ``8 * n`` bytes, whatever the position.
+    * ``"random-access"``: a keyed pseudo-random permutation of the dataset computed chunk by chunk from
+      positions, so landing anywhere in an epoch costs O(chunk) time and memory, independent of the
+      dataset length and the position. A different (still uniform-looking) shuffle from ``"torch"``; every
+      ``(seed, epoch)`` gives its own order. Partitioning, padding, ``drop_last``, positions and
+      world-size changes behave exactly as with ``"torch"``.
+
     Epochs: :meth:`set_epoch` on the epoch in progress keeps its position (the natural loop calls it right
     after a restore); another epoch starts at position 0. Iterating again after an epoch was finished,
     without ``set_epoch``, starts the next epoch (a fresh order, like ``RandomSampler``).
@@ -169,9 +200,10 @@ class ResumableSampler(Sampler[int]):
         shuffle: Shuffle the order each epoch.
         seed: Seed of the order; identical on every rank.
         drop_last: Drop the tail that does not split evenly among ranks instead of padding.
+        order: How the epoch's order is drawn: ``"torch"`` or ``"random-access"`` (see above).
 
     Raises:
-        ValueError: ``num_replicas`` or ``rank`` is out of range.
+        ValueError: ``num_replicas`` or ``rank`` is out of range, or ``order`` is not a known kind.
         TypeError: ``dataset`` has no ``__len__``.
     """
 
@@ -183,6 +215,7 @@ class ResumableSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        order: OrderKind = "torch",
     ) -> None:
         if not hasattr(dataset, "__len__"):
             raise TypeError(
@@ -197,12 +230,15 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"ResumableSampler: num_replicas must be >= 1, got {num_replicas}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"ResumableSampler: rank {rank} outside 0..{num_replicas - 1}")
+        if order not in _ORDER_KINDS:
+            raise ValueError(f"ResumableSampler: order must be one of {_ORDER_KINDS}, got {order!r}")
         self.dataset = dataset
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.order: OrderKind = order
         self.epoch = 0
         # Global samples of this epoch's order consumed so far, padding included.
         self._consumed = 0
@@ -279,19 +315,28 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         self._roll_over_if_finished()
         self._view = self._consumed
-        order = epoch_order(self.seed, self.epoch, len(self.dataset), self.shuffle)
-        indices = _partition(
-            order, self._start, self.num_replicas, self.rank, self.drop_last, self._local_done(self._consumed)
-        )
-        return self._yield(indices)
+        length, skip = len(self.dataset), self._local_done(self._consumed)
+        chunks: Iterator[list[int]]
+        if self.order == "random-access":
+            perm = RandomAccessPermutation(length, self.seed, self.epoch) if self.shuffle else None
+            remaining = max(0, length - self._start)
+            count = per_rank_count(remaining, self.num_replicas, self.drop_last)
+            # Segment position q (rank + j * num_replicas) is order position start + q % remaining: the
+            # unseen order, then padding that repeats the partition's head cyclically, as _partition pads.
+            chunks = strided_chunks(perm, self._start, remaining, self.rank, self.num_replicas, skip, count)
+        else:
+            order = epoch_order(self.seed, self.epoch, length, self.shuffle)
+            indices = _partition(order, self._start, self.num_replicas, self.rank, self.drop_last, skip)
+            # Converted to Python ints chunk by chunk: the first batch after a resume does not wait for
+            # millions of remaining indices to become a list.
+            chunks = (chunk.tolist() for chunk in indices.split(_CHUNK))
+        return self._yield(chunks)
 
-    def _yield(self, indices: torch.Tensor) -> Iterator[int]:
+    def _yield(self, chunks: Iterator[list[int]]) -> Iterator[int]:
         seed, epoch = self.seed, self.epoch
         tag, count = self._tag_indices, not self._external_count
-        # Converted to Python ints chunk by chunk: the first batch after a resume does not wait for
-        # millions of remaining indices to become a list.
-        for chunk in indices.split(1 << 16):
-            for i in chunk.tolist():
+        for chunk in chunks:
+            for i in chunk:
                 if count:
                     self._advance(1)
                 yield _TaggedIndex(i, seed, epoch) if tag else i
@@ -317,7 +362,8 @@ class ResumableSampler(Sampler[int]):
 
         Returns:
             ``{"format", "seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas",
-            "shuffle", "drop_last"}``; ``consumed`` and ``partition_start`` count global samples.
+            "shuffle", "drop_last", "order"}``; ``consumed`` and ``partition_start`` count global samples;
+            ``order`` is the order kind (a record without it was written before kinds existed: ``"torch"``).
         """
         return {
             "format": _FORMAT,
@@ -329,6 +375,7 @@ class ResumableSampler(Sampler[int]):
             "num_replicas": self.num_replicas,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "order": self.order,
         }
 
     def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -344,6 +391,15 @@ class ResumableSampler(Sampler[int]):
             StateMismatchError: as :meth:`load_state_dict`.
         """
         s = _validated(state_dict)
+        if s["order"] != self.order:
+            raise StateMismatchError(
+                f"ResumableSampler: the checkpoint was written by a sampler with order={s['order']!r}, but "
+                f"this sampler was built with order={self.order!r}; the two kinds shuffle differently, so "
+                f"the saved position (global sample {s['consumed']} of epoch {s['epoch']}) would point into "
+                f"another order and samples would be repeated or skipped. The order kind is fixed for a "
+                f"run. Fix: build the sampler with ResumableSampler(..., order={s['order']!r}) to resume "
+                "this run; switch kinds only when starting a new run (without restoring the sampler)."
+            )
         length = len(self.dataset)
         saved_length = s["dataset_length"]
         if length != saved_length and s["consumed"] > 0:
@@ -371,8 +427,8 @@ class ResumableSampler(Sampler[int]):
             state_dict: A dict from :meth:`state_dict`.
 
         Raises:
-            StateMismatchError: The record is malformed, or the dataset length changed while the epoch was
-                in progress (position > 0).
+            StateMismatchError: The record is malformed, was written with another order kind, or the
+                dataset length changed while the epoch was in progress (position > 0). Nothing is changed.
         """
         s = self.resumekit_validate(state_dict)
         for key in ("seed", "shuffle", "drop_last"):
@@ -395,8 +451,8 @@ class ResumableSampler(Sampler[int]):
     def __repr__(self) -> str:
         return (
             f"ResumableSampler(len={len(self.dataset)}, num_replicas={self.num_replicas}, rank={self.rank}, "
-            f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, epoch={self.epoch}, "
-            f"consumed={self._consumed})"
+            f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, order={self.order!r}, "
+            f"epoch={self.epoch}, consumed={self._consumed})"
         )
 
 
@@ -428,6 +484,13 @@ def _validated(state_dict: Any) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise StateMismatchError(f"ResumableSampler record: {key!r} must be an int, got {value!r}")
             out[key] = int(value)
+    order = state_dict.get("order", "torch")  # records from before order kinds were all "torch"
+    if not isinstance(order, str) or order not in _ORDER_KINDS:
+        raise StateMismatchError(
+            f"ResumableSampler record: 'order' must be one of {_ORDER_KINDS}, got {order!r}; corrupt record "
+            "or written by a newer resumekit"
+        )
+    out["order"] = str(order)
     if out["num_replicas"] < 1 or out["dataset_length"] < 0:
         raise StateMismatchError(
             f"ResumableSampler record: num_replicas={out['num_replicas']} or dataset_length="

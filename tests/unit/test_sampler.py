@@ -321,8 +321,9 @@ def test_state_dict_holds_the_documented_plain_values() -> None:
     state = s.state_dict()
     assert set(state) == {
         "format", "seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas",
-        "shuffle", "drop_last",
+        "shuffle", "drop_last", "order",
     }  # fmt: skip
+    assert state.pop("order") == "torch"
     assert all(isinstance(v, (int, bool)) for v in state.values())
     assert (state["dataset_length"], state["num_replicas"], state["drop_last"]) == (9, 3, True)
 
