@@ -398,7 +398,8 @@ class ResumableSampler(Sampler[int]):
                 f"the saved position (global sample {s['consumed']} of epoch {s['epoch']}) would point into "
                 f"another order and samples would be repeated or skipped. The order kind is fixed for a "
                 f"run. Fix: build the sampler with ResumableSampler(..., order={s['order']!r}) to resume "
-                "this run; switch kinds only when starting a new run (without restoring the sampler)."
+                "this run; to change kinds, leave the sampler out of the restore and start the next epoch "
+                f"afresh with sampler.set_epoch({s['epoch'] + 1})."
             )
         length = len(self.dataset)
         saved_length = s["dataset_length"]
