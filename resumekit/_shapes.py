@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_SHAPE_FIX",
     "PartialLoad",
     "ShapeMismatch",
+    "check_keys",
     "check_shapes",
     "find_shape_mismatches",
     "load_matching",
@@ -120,9 +121,16 @@ def _migrates_keys(model: nn.Module) -> bool:
     return False
 
 
-def _check_keys(saved: Mapping[str, Any], model: nn.Module, entry: str) -> None:
-    """Raise before anything is loaded when the saved keys and the model's differ (``load_state_dict``
-    would raise only after copying every tensor that matched)."""
+def check_keys(saved: Mapping[str, Any], model: nn.Module, *, entry: str = "model") -> None:
+    """Raise before anything is loaded when the saved keys and the model's differ.
+
+    ``load_state_dict(strict=True)`` raises too, but only after copying every tensor that matched.
+    Models that rename keys while loading (a load pre-hook, a custom ``_load_from_state_dict``) are
+    left to ``load_state_dict``.
+
+    Raises:
+        StateMismatchError: naming the missing and unexpected keys and the fix.
+    """
     own = model.state_dict(keep_vars=True)
     keyed = to_model_keys(saved, model)
     missing = [k for k in own if k not in keyed]
@@ -160,7 +168,6 @@ def check_shapes(
     Raises:
         StateMismatchError: Naming every mismatched parameter with both shapes, and ``fix``.
     """
-    _check_keys(saved, model, entry)
     mismatches = find_shape_mismatches(saved, model)
     if not mismatches:
         return

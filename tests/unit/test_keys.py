@@ -23,6 +23,7 @@ from resumekit._keys import (
 from resumekit._shapes import (
     PartialLoad,
     ShapeMismatch,
+    check_keys,
     check_shapes,
     find_shape_mismatches,
     load_matching,
@@ -283,3 +284,28 @@ def test_load_matching_loads_what_fits_and_reports_the_rest() -> None:
     assert torch.equal(inner.body[0].bias, kept_bias)
     for key in result.loaded:
         assert torch.equal(inner.state_dict()[key], source.state_dict()[key]), key
+
+
+def test_key_check_names_missing_and_unexpected_keys() -> None:
+    saved = dict(nn.Linear(3, 2).state_dict())
+    saved["extra.weight"] = saved.pop("bias")
+    with pytest.raises(
+        StateMismatchError, match=r"(?s)'head'.*\['bias'\].*\['extra.weight'\].*Nothing was loaded"
+    ):
+        check_keys(saved, nn.Linear(3, 2), entry="head")
+    check_keys(nn.Linear(3, 2).state_dict(), compiled(nn.Linear(3, 2)))  # wrapper names map back
+
+
+def test_key_check_leaves_models_that_rename_keys_to_load_state_dict() -> None:
+    model = nn.Linear(3, 2)
+
+    def rename(state: dict, prefix: str, *args: object) -> None:
+        if prefix + "old_weight" in state:
+            state[prefix + "weight"] = state.pop(prefix + "old_weight")
+
+    model._register_load_state_dict_pre_hook(rename)
+    saved = dict(nn.Linear(3, 2).state_dict())
+    saved["old_weight"] = saved.pop("weight")
+    check_keys(saved, model)  # the hook makes it loadable, so only load_state_dict may judge
+    model.load_state_dict(saved)
+    assert torch.equal(model.weight, saved["old_weight"])
