@@ -361,6 +361,12 @@ def put_if_absent(fs: Any, path: str, data: bytes, *, policy: RetryPolicy = _COM
         retry_call(attempt, what=f"create-only write of '{path}'", policy=policy)
         return
     except Exception as exc:
+        if kind == "s3" and "IfNoneMatch" in str(exc) and "nknown parameter" in str(exc):
+            raise StorageError(
+                f"committing '{path}' needs S3 conditional writes (If-None-Match), which this botocore "
+                "does not know (it needs botocore >= 1.35.20). Nothing was committed. Fix: "
+                "pip install -U 'resumekit[s3]' (or botocore, aiobotocore and s3fs)."
+            ) from exc
         if not _precondition_failed(exc):
             raise
         conflict = exc

@@ -146,6 +146,32 @@ def test_put_if_absent_memory_best_effort() -> None:
     assert fs.cat_file(path) == _manifest("a")
 
 
+class _OldBotocoreS3:
+    """An s3fs whose botocore predates conditional writes: PutObject rejects IfNoneMatch."""
+
+    protocol = ("s3", "s3a")
+
+    def _call_s3(self, *args: Any, **kwargs: Any) -> None:  # only marks this as an s3fs
+        raise NotImplementedError
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
+
+    def call_s3(self, method: str, **kwargs: Any) -> None:
+        # botocore's ParamValidationError text for a parameter its service model lacks
+        raise ValueError(
+            'Parameter validation failed:\nUnknown parameter in input: "IfNoneMatch", must be one of: ...'
+        )
+
+
+def test_put_if_absent_on_a_botocore_without_conditional_writes_says_what_to_upgrade() -> None:
+    with pytest.raises(
+        StorageError, match=r"(?s)botocore >= 1\.35\.20.*Nothing was committed.*resumekit\[s3\]"
+    ):
+        put_if_absent(_OldBotocoreS3(), "bucket/run/step-000000000001/manifest.json", b"{}")
+
+
 def test_find_orphans_memory() -> None:
     fs = fsspec.filesystem("memory")
     root = f"/rk-{uuid.uuid4().hex}"
