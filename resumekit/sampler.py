@@ -69,7 +69,12 @@ def epoch_order(
 
     Returns:
         A 1-D int64 tensor, a permutation of ``range(length)``.
+
+    Raises:
+        ValueError: ``order`` is not a known kind.
     """
+    if order not in _ORDER_KINDS:
+        raise ValueError(f"epoch_order: order must be one of {_ORDER_KINDS}, got {order!r}")
     if not shuffle:
         return torch.arange(length, dtype=torch.int64)
     if order == "random-access":

@@ -379,3 +379,21 @@ def test_unknown_kind_in_a_record_is_an_error(value: Any) -> None:
 def test_unknown_kind_in_the_constructor_is_an_error() -> None:
     with pytest.raises(ValueError, match="order must be one of"):
         ResumableSampler(list(range(10)), order="random")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="order must be one of"):
+        epoch_order(0, 0, 10, True, "random")  # type: ignore[arg-type]
+
+
+def test_checkpointer_round_trip_keeps_the_kind_and_lands_exactly(tmp_path: Any) -> None:
+    import resumekit as rk
+
+    first = ResumableSampler(Unreadable(200_000), num_replicas=2, rank=1, seed=6, order=RA)
+    head = [i for _, i in zip(range(700), first)]
+    rk.Checkpointer(str(tmp_path)).save({"sampler": first}, step=1)
+
+    resumed = ResumableSampler(Unreadable(200_000), num_replicas=2, rank=1, seed=6, order=RA)
+    assert rk.Checkpointer(str(tmp_path)).restore({"sampler": resumed}) is not None
+    resumed.set_epoch(0)
+    straight = ResumableSampler(Unreadable(200_000), num_replicas=2, rank=1, seed=6, order=RA)
+    assert head + [i for _, i in zip(range(300), resumed)] == [i for _, i in zip(range(1000), straight)]
+    with pytest.raises(StateMismatchError, match="order='random-access'"):
+        rk.Checkpointer(str(tmp_path)).restore({"sampler": ResumableSampler(Unreadable(200_000), 2, 1)})
