@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import torch
@@ -22,6 +22,9 @@ from ._shapes import load_matching
 from ._storage import Buffer, Storage
 from ._tensorfile import RangeReader, matches_exactly, read_header, read_tensors, tensors_from_buffer
 from .errors import CheckpointCorruptError, StateMismatchError
+
+if TYPE_CHECKING:
+    from ._transfer import Download
 
 __all__ = ["Loaded", "apply_entry", "load_step", "read_verified"]
 
@@ -139,11 +142,6 @@ def _files_of(m: Manifest, it: Item, world: World) -> tuple[str, str]:
     )
 
 
-#: Files of one checkpoint fetched at once from a store without positional reads (an object store):
-#: each file already moves as parallel ranged GETs, and overlapping files hides each one's slowest range.
-_PREFETCH_FILES = 3
-
-
 class _Readers:
     """The files of one step: opened once for positional reads, or fetched whole and concurrently."""
 
@@ -164,18 +162,23 @@ class _Readers:
         self.stack = stack
         self.supported = callable(getattr(storage, "open_reader", None))
         self.open: dict[str, RangeReader] = {}
-        self.fetched: dict[str, Future[Buffer]] = {}
+        self.fetched: dict[str, Future[Download]] = {}
+        self.stack.callback(self._cancel_fetches)
 
     def prefetch(self, relpaths: list[str]) -> None:
-        """Start fetching whole files in the background (each is then verified where it is used)."""
-        if len(relpaths) < 2:
+        """Start fetching whole files at once where the storage can (an object store: their ranged GETs
+        share one budget, and each file's checksum is computed as it arrives); each is verified where it
+        is used."""
+        fetch_files = getattr(self.storage, "fetch_files", None)
+        wanted = [(rel, self.m.files[rel].size) for rel in dict.fromkeys(relpaths) if rel in self.m.files]
+        if fetch_files is None or len(wanted) < 2:
             return
-        pool = ThreadPoolExecutor(max_workers=_PREFETCH_FILES, thread_name_prefix="resumekit-fetch")
-        self.stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        for rel in relpaths:
-            rec = self.m.files.get(rel)
-            if rec is not None and rel not in self.fetched:
-                self.fetched[rel] = pool.submit(self.storage.read_file, self.step, rel, rec.size)
+        for (rel, _), fut in zip(wanted, fetch_files(self.step, wanted)):
+            self.fetched[rel] = fut
+
+    def _cancel_fetches(self) -> None:
+        for fut in self.fetched.values():
+            fut.cancel()
 
     def verified(self, relpath: str) -> Buffer:
         """A whole file's bytes, checked against the manifest's size and crc32c."""
@@ -264,15 +267,24 @@ def live_tensors(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def read_verified(
-    storage: Storage, step: int, m: Manifest, relpath: str, where: str, fetched: Future[Buffer] | None = None
+    storage: Storage,
+    step: int,
+    m: Manifest,
+    relpath: str,
+    where: str,
+    fetched: Future[Download] | None = None,
 ) -> Buffer:
-    """A file's bytes (``fetched`` when already on its way), after checking them against the manifest's
-    size and crc32c."""
+    """A file's bytes (``fetched``: already on their way, with their crc32c), after checking them
+    against the manifest's size and crc32c."""
     rec = m.files.get(relpath)
     if rec is None:
         raise CheckpointCorruptError(f"{where}: manifest does not list '{relpath}'")
-    buf = fetched.result() if fetched is not None else storage.read_file(step, relpath, rec.size)
-    actual = crc_hex(crc32c.crc32c(buf))
+    if fetched is not None:
+        got = fetched.result()
+        buf, actual = got.buffer, crc_hex(got.crc32c)
+    else:
+        buf = storage.read_file(step, relpath, rec.size)
+        actual = crc_hex(crc32c.crc32c(buf))
     if actual != rec.crc32c:
         raise CheckpointCorruptError(
             f"{where}/{relpath}: crc32c {actual} does not match the manifest's {rec.crc32c}; "

@@ -18,12 +18,16 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from typing import IO, Any, Protocol
+from concurrent.futures import Future
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ._manifest import MANIFEST, parse_step_dir, step_dir
 from ._tensorfile import RangeReader
+
+if TYPE_CHECKING:
+    from ._transfer import Download
 from .errors import (
     CheckpointCorruptError,
     CommitConflictError,
@@ -75,9 +79,9 @@ class Storage(Protocol):
     """One checkpoint root (a folder or an object-store prefix).
 
     A storage may also offer ``open_reader(step, relpath, size)``, a context manager giving a
-    :class:`~resumekit._tensorfile.RangeReader` (positional reads, several in flight). Restore then reads
-    tensor files straight into live tensors; without it (object stores) files are fetched whole, several
-    at once.
+    :class:`~resumekit._tensorfile.RangeReader` (positional reads, several in flight): restore then reads
+    tensor files straight into live tensors. Object stores offer ``fetch_files(step, [(relpath, size)])``
+    instead, futures of whole files fetched at once, with their crc32c.
     """
 
     url: str
@@ -463,6 +467,15 @@ class FsspecStorage:
         # reported as CheckpointCorruptError naming the path.
         buf: Buffer = download_into(self.fs, self._path(step, relpath), size, out=new_buffer(size)).buffer
         return buf
+
+    def fetch_files(self, step: int, files: list[tuple[str, int]]) -> list[Future[Download]]:
+        """Start reading several files of ``step`` at once (one budget of ranged GETs in flight for all);
+        each future gives the file's bytes and their crc32c, computed as the ranges arrived."""
+        from ._transfer import download_many
+
+        return download_many(
+            self.fs, [(self._path(step, rel), size, new_buffer(size)) for rel, size in files]
+        )
 
     def stage(self, step: int, writer_id: str) -> Stage:
         # As LocalStorage.stage: the create-only manifest PUT is the guard against a racing writer.

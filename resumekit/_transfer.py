@@ -19,7 +19,7 @@ import crc32c
 from ._cloud import _DEFAULT_POLICY, RetryPolicy, _kind, _retry_async, is_body_fault
 from .errors import CheckpointCorruptError, StorageError
 
-__all__ = ["S3_MIN_PART", "Download", "S3ParallelWriter", "download_into", "open_upload"]
+__all__ = ["S3_MIN_PART", "Download", "S3ParallelWriter", "download_into", "download_many", "open_upload"]
 
 #: S3 refuses multipart parts smaller than this (except the last one).
 S3_MIN_PART = 5 << 20
@@ -208,32 +208,92 @@ def download_into(
     """
     if out is None:
         out = bytearray(size)
+    view = _view_of(out, size)
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import sync
+
+        crc: int = sync(fs.loop, _download_file_async, fs, path, view, part_size, max_concurrency, policy)
+        return Download(out, crc)
+    with _storage_errors(path):
+        _check_size(path, size, fs.size(path))
+        crc = 0
+        with fs.open(path, "rb") as f:
+            for start in range(0, size, part_size):
+                end = min(start + part_size, size)
+                chunk = f.read(end - start)
+                if len(chunk) != end - start:
+                    _check_size(path, size, start + len(chunk))
+                view[start:end] = chunk
+                crc = crc32c.crc32c(view[start:end], crc)
+    return Download(out, crc)
+
+
+def download_many(
+    fs: Any,
+    files: list[tuple[str, int, Any]],
+    *,
+    part_size: int = 32 << 20,
+    max_concurrency: int = 8,
+    policy: RetryPolicy = _DEFAULT_POLICY,
+) -> list[concurrent.futures.Future[Download]]:
+    """Start reading several objects at once; one future per ``(path, size, out)``, in order.
+
+    The ranged GETs of every file share one budget of ``max_concurrency`` requests in flight, so the
+    store stays busy until the last byte of the last file (files fetched one after the other, or each
+    with its own budget, leave it half idle at every file's tail). Each file's crc32c is computed as its
+    ranges arrive. A filesystem without an async implementation reads the files one after another in a
+    background thread. Cancelling a future stops that file's remaining ranges.
+    """
+    if not getattr(fs, "async_impl", False):
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumekit-fetch")
+        futures = [
+            pool.submit(download_into, fs, path, size, out, part_size=part_size, policy=policy)
+            for path, size, out in files
+        ]
+        pool.shutdown(wait=False)
+        return futures
+
+    async def make_limiter() -> asyncio.Semaphore:
+        return asyncio.Semaphore(max_concurrency)  # created on the loop that will use it
+
+    async def one(path: str, size: int, out: Any, limiter: asyncio.Semaphore) -> Download:
+        crc = await _download_file_async(fs, path, _view_of(out, size), part_size, limiter, policy)
+        return Download(out, crc)
+
+    limiter = asyncio.run_coroutine_threadsafe(make_limiter(), fs.loop).result()
+    return [
+        asyncio.run_coroutine_threadsafe(one(path, size, out, limiter), fs.loop) for path, size, out in files
+    ]
+
+
+def _ranges(size: int, part_size: int) -> list[tuple[int, int]]:
+    """Byte ranges of ``part_size``; a short tail (a safetensors header makes one) joins the range before
+    it rather than costing a request of its own."""
+    starts = list(range(0, size, part_size))
+    if len(starts) > 1 and size - starts[-1] < part_size // 4:
+        starts.pop()
+    return [(s, starts[i + 1] if i + 1 < len(starts) else size) for i, s in enumerate(starts)]
+
+
+def _view_of(out: Any, size: int) -> memoryview:
     view = memoryview(out).cast("B")
     if len(view) != size:
         raise ValueError(f"download buffer holds {len(view)} bytes, expected {size}")
-    ranges = [(s, min(s + part_size, size)) for s in range(0, size, part_size)]
+    return view
 
-    def check_size(actual: int) -> None:
-        if actual != size:
-            raise CheckpointCorruptError(
-                f"'{path}' is {actual} bytes, the manifest says {size}: the object was truncated or replaced."
-            )
 
+def _check_size(path: str, expected: int, actual: int) -> None:
+    if actual != expected:
+        raise CheckpointCorruptError(
+            f"'{path}' is {actual} bytes, the manifest says {expected}: the object was truncated or replaced."
+        )
+
+
+@contextlib.contextmanager
+def _storage_errors(path: str) -> Any:
+    """Report a missing object, or one the store's own checksum keeps refusing, as corruption."""
     try:
-        if getattr(fs, "async_impl", False):
-            from fsspec.asyn import sync
-
-            crc = sync(fs.loop, _download_async, fs, path, view, ranges, max_concurrency, policy, check_size)
-        else:
-            check_size(fs.size(path))
-            crc = 0
-            with fs.open(path, "rb") as f:
-                for start, end in ranges:
-                    chunk = f.read(end - start)
-                    if len(chunk) != end - start:
-                        check_size(start + len(chunk))
-                    view[start:end] = chunk
-                    crc = crc32c.crc32c(view[start:end], crc)
+        yield
     except FileNotFoundError as exc:
         raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
     except StorageError as exc:
@@ -243,7 +303,23 @@ def download_into(
                 "is corrupt."
             ) from exc
         raise
-    return Download(out, crc)
+
+
+async def _download_file_async(
+    fs: Any,
+    path: str,
+    view: memoryview,
+    part_size: int,
+    limit: int | asyncio.Semaphore,
+    policy: RetryPolicy,
+) -> int:
+    size = len(view)
+    ranges = _ranges(size, part_size)
+    sem = limit if isinstance(limit, asyncio.Semaphore) else asyncio.Semaphore(limit)
+    with _storage_errors(path):
+        return await _download_async(
+            fs, path, view, ranges, sem, policy, lambda actual: _check_size(path, size, actual)
+        )
 
 
 def _checksum_failed(exc: BaseException) -> bool:
@@ -260,11 +336,10 @@ async def _download_async(
     path: str,
     view: memoryview,
     ranges: list[tuple[int, int]],
-    max_concurrency: int,
+    sem: asyncio.Semaphore,
     policy: RetryPolicy,
     check_size: Callable[[int], None],
 ) -> int:
-    sem = asyncio.Semaphore(max_concurrency)
     done = [False] * len(ranges)
     state = {"next": 0, "crc": 0}
 

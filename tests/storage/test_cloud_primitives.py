@@ -26,7 +26,7 @@ from resumekit._cloud import (
     s3_default_options,
     single_retry_layer,
 )
-from resumekit._transfer import S3ParallelWriter, download_into, open_upload
+from resumekit._transfer import S3ParallelWriter, download_into, download_many, open_upload
 from resumekit.errors import CheckpointCorruptError, CommitConflictError, StorageError
 
 try:
@@ -284,6 +284,38 @@ def test_s3_download_into_parallel_ranges_with_crc(s3_fs: Any, s3_root: str) -> 
     got = download_into(s3_fs, f"{s3_root}/f", len(data), out, part_size=1 * MiB, max_concurrency=4)
     assert got.buffer is out and out == data
     assert got.crc32c == crc32c.crc32c(data)
+
+
+@pytest.mark.s3
+def test_s3_download_many_shares_one_budget_across_files(fault_proxy: FaultProxy, s3_root: str) -> None:
+    fs = _proxied_fs(fault_proxy)
+    datas = [_payload(2 * MiB + i) for i in range(3)]  # 2 ranges each (the tiny tail joins the second)
+    for i, d in enumerate(datas):
+        fs.pipe_file(f"{s3_root}/m{i}", d)
+    fault_proxy.add(Fault("delay", method="GET", path=r"/m\d", delay=0.3, count=None))
+    outs = [bytearray(len(d)) for d in datas]
+    futures = download_many(
+        fs,
+        [(f"{s3_root}/m{i}", len(d), o) for i, (d, o) in enumerate(zip(datas, outs))],
+        part_size=1 * MiB,
+        max_concurrency=4,
+    )
+    got = [f.result(timeout=60) for f in futures]
+    assert outs == datas and [g.crc32c for g in got] == [crc32c.crc32c(d) for d in datas]
+    assert fault_proxy.count("GET", r"/m\d") == 6
+    # 6 ranges held 0.3 s each: per-file budgets or files one after another would stay at <= 2 at once.
+    assert 3 <= fault_proxy.max_concurrency("GET", r"/m\d") <= 4
+
+
+@pytest.mark.s3
+def test_s3_download_many_reports_a_missing_object_as_corruption(s3_fs: Any, s3_root: str) -> None:
+    s3_fs.pipe_file(f"{s3_root}/present", b"x" * 10)
+    futures = download_many(
+        s3_fs, [(f"{s3_root}/present", 10, bytearray(10)), (f"{s3_root}/absent", 10, bytearray(10))]
+    )
+    assert bytes(futures[0].result(timeout=60).buffer) == b"x" * 10
+    with pytest.raises(CheckpointCorruptError, match=r"absent.*missing"):
+        futures[1].result(timeout=60)
 
 
 @pytest.mark.s3
