@@ -263,11 +263,13 @@ def tensors_from_buffer(buf: Any, where: str) -> dict[str, torch.Tensor]:
 #: Bytes a reader thread fills per call; large enough for sequential disk throughput, small enough
 #: that the checksum (computed in file order) trails the reads by little.
 _READ_CHUNK = 32 << 20
-#: Reads in flight ahead of the checksum. Measured on this project's virtio disk, cold page cache,
-#: median of 5 (restore of a 0.3 GB / 3.2 GB model + Adam state): 1 reader 0.145 / 1.54 s, 2 readers
-#: 0.211 / 1.64 s, 4 readers 0.225 / 1.86 s; concurrent requests at different offsets defeat the
-#: kernel's read-ahead. One reader still overlaps the disk with the checksum of the previous chunk.
-_READ_WORKERS = 1
+#: Reads in flight ahead of the checksum: one for files below ``_PARALLEL_READ_BYTES``, more above.
+#: Measured on this project's virtio disk, cold page cache (model + Adam state, two files): at 0.3 GB
+#: one reader 0.145 s, four 0.225 s (requests at several offsets defeat the kernel's read-ahead); at
+#: 3.2 GB in the save/restore benchmark four readers 1.63-1.92 s, one 2.11-2.64 s. One reader still
+#: overlaps the disk with the checksum of the previous chunk.
+_READ_WORKERS = 4
+_PARALLEL_READ_BYTES = 512 << 20
 
 
 class RangeReader(Protocol):
@@ -369,7 +371,8 @@ def read_tensors(
         return out, crc
     # Reads run ahead in a worker thread; the checksum follows in file order in this thread, so it
     # costs no extra pass and overlaps the disk.
-    with ThreadPoolExecutor(max_workers=_READ_WORKERS, thread_name_prefix="resumekit-read") as pool:
+    workers = _READ_WORKERS if size >= _PARALLEL_READ_BYTES else 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-read") as pool:
         futures: deque[tuple[memoryview, Future[None]]] = deque(
             (mv, pool.submit(reader.read_at, mv, offset)) for mv, offset in chunks
         )
