@@ -970,10 +970,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--workdir {args.workdir} is in memory ({describe_disk(args.workdir)}); pick a folder on disk"
         )
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    command = (
-        "cd "
-        + shlex.quote(REPO)
-        + " && .venv/bin/python "
+    command = (  # run from the repository root, as the results file says
+        ".venv/bin/python "
         + " ".join(
             shlex.quote(a)
             for a in [os.path.relpath(os.path.abspath(sys.argv[0]), REPO), *(argv or sys.argv[1:])]
