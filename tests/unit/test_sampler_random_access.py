@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _sampler_helpers import Unreadable, take
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -23,19 +24,6 @@ from resumekit.errors import ResumeKitError, StateMismatchError
 from resumekit.sampler import ResumableSampler, epoch_order, partition_indices, per_rank_count
 
 RA = "random-access"
-
-
-class Unreadable:
-    """A dataset that has a length and fails loudly if a sample is ever read."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> Any:
-        raise AssertionError(f"sample {index} was read")
 
 
 CONSTRUCTIONS = ["table", "feistel"]
@@ -52,12 +40,6 @@ def construction(kind: str) -> Iterator[None]:
 
 def ranks(n: int, world: int, **kw: Any) -> list[ResumableSampler]:
     return [ResumableSampler(Unreadable(n), num_replicas=world, rank=r, order=RA, **kw) for r in range(world)]
-
-
-def take(samplers: list[ResumableSampler], steps: int) -> list[list[int]]:
-    """Every rank pulls ``steps`` samples in lockstep, as DDP ranks do."""
-    iters = [iter(s) for s in samplers]
-    return [[next(it) for _ in range(steps)] for it in iters]
 
 
 def restored(state: dict[str, Any], n: int, world: int, **kw: Any) -> list[ResumableSampler]:
