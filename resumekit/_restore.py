@@ -87,12 +87,11 @@ def load_step(
         for it in [it for it in items if not live_tensors_possible(it.obj)] + live:
             if in_place is not None and live and it is live[0]:
                 touchable = frozenset(in_place(m, out.values))
-                # Modules all or none: a module file that does not match is refused by the shape
-                # check after the read, and by then no other entry may have been read in place. An
-                # optimizer file that does not match (e.g. a fresh optimizer without state yet) is
-                # simply read into new memory.
-                modules = [x for x in live if x.name in touchable and isinstance(x.obj, torch.nn.Module)]
-                if not _all_match(readers, m, modules, world, where):
+                # All or none, decided before any live entry is read: a module file that does not
+                # match, or any structure load_state_dict would refuse, would refuse the restore after
+                # the read. An optimizer file whose tensors do not match (e.g. a fresh optimizer
+                # without state yet) is simply read into new memory.
+                if not _all_match(readers, m, [x for x in live if x.name in touchable], world, where):
                     touchable = frozenset()
             _load_entry(readers, m, it, world, where, it.name in touchable, out)
     return out
@@ -109,13 +108,11 @@ def _load_entry(
         out.absent_rank.append(it.name)
         return
     json_name, st_name = _files_of(m, it, world)
-    try:
-        skeleton = json.loads(readers.verified(json_name).tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointCorruptError(f"{where}/{json_name} is not valid JSON ({exc})") from exc
+    skeleton = readers.skeleton(json_name)
     tensors: dict[str, torch.Tensor] = {}
     if st_name:
-        tensors = _read_tensor_file(readers, m, st_name, where, it if touch else None)
+        live = it if touch and _same_structure(it.obj, skeleton) else None
+        tensors = _read_tensor_file(readers, m, st_name, where, live)
 
     def lookup(
         name: str, _t: dict[str, torch.Tensor] = tensors, _w: str = f"{where}/{st_name}"
@@ -163,6 +160,7 @@ class _Readers:
         self.supported = callable(getattr(storage, "open_reader", None))
         self.open: dict[str, RangeReader] = {}
         self.fetched: dict[str, Future[Download]] = {}
+        self.skeletons: dict[str, Any] = {}
         self.stack.callback(self._cancel_fetches)
 
     def prefetch(self, relpaths: list[str]) -> None:
@@ -179,6 +177,15 @@ class _Readers:
     def _cancel_fetches(self) -> None:
         for fut in self.fetched.values():
             fut.cancel()
+
+    def skeleton(self, relpath: str) -> Any:
+        """A JSON file's content, verified and parsed once (the in-place checks read it early)."""
+        if relpath not in self.skeletons:
+            try:
+                self.skeletons[relpath] = json.loads(self.verified(relpath).tobytes())
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise CheckpointCorruptError(f"{self.where}/{relpath} is not valid JSON ({exc})") from exc
+        return self.skeletons[relpath]
 
     def verified(self, relpath: str) -> Buffer:
         """A whole file's bytes, checked against the manifest's size and crc32c."""
@@ -231,14 +238,19 @@ def _read_tensor_file(
 
 
 def _all_match(readers: _Readers, m: Manifest, live: list[Item], world: World, where: str) -> bool:
-    """Whether every tensor file of ``live`` matches its object's live tensors exactly (headers only)."""
+    """Whether every saved structure of ``live`` is one its ``load_state_dict`` accepts (see
+    :func:`_same_structure`), and every module's tensor file matches its live tensors exactly (headers)."""
     if not readers.supported:
         return False
     for it in live:
-        st_name = _files_of(m, it, world)[1]
+        json_name, st_name = _files_of(m, it, world)
         rec = m.files.get(st_name)
         if rec is None:
             continue
+        if not _same_structure(it.obj, readers.skeleton(json_name)):
+            return False
+        if not isinstance(it.obj, torch.nn.Module):
+            continue  # an optimizer's tensors are matched when its file is read
         dest = live_tensors(it.obj)
         if dest is None:
             return False
@@ -252,6 +264,29 @@ def live_tensors_possible(obj: Any) -> bool:
     """Whether ``obj``'s checkpoint tensors may be read into its live tensors: a Module or Optimizer,
     whose ``load_state_dict`` sets every value it is given anyway."""
     return isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
+
+
+def _same_structure(obj: Any, skeleton: Any) -> bool:
+    """Whether ``load_state_dict`` of ``obj`` cannot refuse the saved state for a reason other than
+    tensor names, dtypes and shapes (those are compared with the file's header).
+
+    A Module: its saved skeleton equals its own (same keys, non-tensor values and metadata versions),
+    so the key check after the read passes. An Optimizer: the same parameter indices in the same
+    groups, which ``Optimizer.load_state_dict`` checks only after every tensor was read.
+    """
+    try:
+        if isinstance(obj, torch.nn.Module):
+            own = encode(module_state(obj), TensorTable())
+            return bool(json.loads(json.dumps(own)) == skeleton)
+        if isinstance(obj, torch.optim.Optimizer):
+            saved_groups = skeleton["param_groups"] if isinstance(skeleton, dict) else None
+            if not isinstance(saved_groups, list):
+                return False
+            own_groups = [g["params"] for g in obj.state_dict()["param_groups"]]
+            return own_groups == [g.get("params") if isinstance(g, dict) else None for g in saved_groups]
+    except Exception:  # a structure the codec or the optimizer cannot describe: no shortcut
+        return False
+    return False
 
 
 def live_tensors(obj: Any) -> dict[str, torch.Tensor] | None:

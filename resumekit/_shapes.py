@@ -22,6 +22,7 @@ __all__ = [
     "PartialLoad",
     "ShapeMismatch",
     "check_keys",
+    "check_param_groups",
     "check_shapes",
     "find_shape_mismatches",
     "load_matching",
@@ -148,6 +149,29 @@ def check_keys(saved: Mapping[str, Any], model: nn.Module, *, entry: str = "mode
         "since the checkpoint was saved. Build the model as it was saved, or load what fits with "
         "restore(..., allow_shape_mismatch=True). Nothing was loaded."
     )
+
+
+def check_param_groups(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, *, entry: str) -> None:
+    """Raise before anything is loaded when the saved optimizer's parameter groups do not line up with
+    ``optimizer``'s (``Optimizer.load_state_dict`` raises too, but only once it is being applied, after
+    the entries before it were loaded).
+
+    Raises:
+        StateMismatchError: naming both group layouts and the likely cause.
+    """
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, (list, tuple)):
+        return  # not a torch optimizer state: its own load_state_dict judges it
+    saved_sizes = [len(g.get("params", ())) if isinstance(g, Mapping) else None for g in groups]
+    own_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != own_sizes:
+        raise StateMismatchError(
+            f"Cannot restore {entry!r}: the checkpoint's optimizer has parameter groups of sizes "
+            f"{saved_sizes}, this optimizer {own_sizes}. Likely cause: the model or the way its parameters "
+            "are grouped (weight decay, per-layer learning rates) changed since the checkpoint was saved. "
+            "Build the optimizer as it was saved, or restore without it: restore(..., only=[...]). "
+            "Nothing was loaded."
+        )
 
 
 def check_shapes(

@@ -24,7 +24,7 @@ from ._manifest import FORMAT_VERSION, SCOPE_RANK, Entry, FileRecord, Manifest, 
 from ._partial import check_only, optimisation_group, reset_group, scheduler_position
 from ._restore import Loaded, apply_entry, load_step
 from ._save import Snapshot, take_snapshot, write
-from ._shapes import check_keys, check_shapes
+from ._shapes import check_keys, check_param_groups, check_shapes
 from ._storage import Storage, open_storage
 from .drift import DriftPolicy, DriftReport, compare
 from .errors import (
@@ -469,6 +469,8 @@ class Checkpointer:
                     values[it.name], it.obj, entry=it.name, fix="restore(..., allow_shape_mismatch=True)"
                 )
                 check_keys(values[it.name], it.obj, entry=it.name)
+            if isinstance(it.obj, torch.optim.Optimizer):
+                check_param_groups(values[it.name], it.obj, entry=it.name)
             validate = getattr(it.obj, "resumekit_validate", None)
             if callable(validate):
                 validate(values[it.name])

@@ -130,3 +130,46 @@ def test_a_shape_mismatch_is_refused_before_any_tensor_is_read_in_place(root: Pa
         rk.Checkpointer(root).restore(target, step=2)
     assert torch.equal(weight_before, model[0].weight)
     assert_identical(opt_before, _snapshot({"model": nn.Linear(1, 1), "opt": opt})["opt"])
+
+
+class _Tagged(nn.Linear):
+    """A Linear with non-tensor extra state: its checkpoint has a key a plain Linear lacks."""
+
+    def get_extra_state(self) -> Any:
+        return {"version": 2}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.loaded_extra = state
+
+
+def test_a_module_whose_tensors_match_but_keys_do_not_is_refused_untouched(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    rk.Checkpointer(tmp_path).save({"model": _Tagged(4, 3)}, step=1)
+    torch.manual_seed(1)
+    plain = nn.Linear(4, 3)  # the same tensor names and shapes: the header alone would allow in place
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(StateMismatchError, match=r"_extra_state"):
+        rk.Checkpointer(tmp_path).restore({"model": plain})
+    assert_identical(before, dict(plain.state_dict()))
+
+
+def test_an_optimizer_with_other_parameter_groups_is_refused_before_anything_is_loaded(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # one group of 2
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    rk.Checkpointer(tmp_path).save({"model": model, "optimizer": opt}, step=1)
+    torch.manual_seed(1)
+    live = nn.Linear(4, 3)
+    live_opt = torch.optim.Adam([{"params": [live.weight]}, {"params": [live.bias]}], lr=1e-3)
+    live(torch.randn(2, 4)).sum().backward()
+    live_opt.step()  # Adam state for both: tensor names and shapes match the checkpoint's
+    model_before = {k: v.clone() for k, v in live.state_dict().items()}
+    opt_before = _snapshot({"model": nn.Linear(1, 1), "opt": live_opt})["opt"]
+    with pytest.raises(StateMismatchError, match=r"parameter groups of sizes \[2\].*\[1, 1\]"):
+        rk.Checkpointer(tmp_path).restore({"model": live, "optimizer": live_opt})
+    assert_identical(model_before, dict(live.state_dict()))
+    assert_identical(opt_before, _snapshot({"model": nn.Linear(1, 1), "opt": live_opt})["opt"])
