@@ -25,9 +25,6 @@ import torch
 
 from ._manifest import MANIFEST, parse_step_dir, step_dir
 from ._tensorfile import RangeReader
-
-if TYPE_CHECKING:
-    from ._transfer import Download
 from .errors import (
     CheckpointCorruptError,
     CommitConflictError,
@@ -35,6 +32,9 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
 )
+
+if TYPE_CHECKING:
+    from ._transfer import Download
 
 __all__ = ["Buffer", "LocalStorage", "Stage", "Storage", "new_buffer", "open_storage"]
 
