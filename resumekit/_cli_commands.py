@@ -11,9 +11,10 @@ import re
 import time
 from typing import Any
 
-from ._cli_io import CliError, Root, read_header
+from ._cli_io import CliError, Root
 from ._env import collect_environment
 from ._manifest import FORMAT_VERSION, MANIFEST, Manifest, entry_files, step_dir
+from ._tensorfile import parse_head
 from .drift import DriftPolicy, compare
 from .errors import ResumeKitError, UnsupportedFormatError
 
@@ -234,7 +235,7 @@ def _verify_step(root: Root, s: int) -> dict[str, Any]:
                 problems.append(_problem(root, s, rel, "json", f"{where} is not valid JSON ({exc})"))
         else:
             try:
-                read_header(check.head, check.size, where)
+                parse_head(check.head, check.size, where)
             except (ResumeKitError, OSError) as exc:
                 problems.append(_problem(root, s, rel, "header", f"unparsable safetensors header: {exc}"))
     result["ok"] = not problems

@@ -13,21 +13,20 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import crc32c
 
 from ._manifest import MANIFEST, Manifest, parse_step_dir, step_dir
 from ._storage import FsspecStorage, LocalStorage, Storage, open_storage
-from ._tensorfile import MAX_HEADER_BYTES, TensorSpec, parse_header
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError, UnsafeCheckpointError
+from ._tensorfile import MAX_HEADER_BYTES, TensorSpec, header_length, parse_head
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError
 
 __all__ = [
     "CliError",
     "jsonable",
     "Root",
     "parse_storage_options",
-    "read_header",
     "split_target",
 ]
 
@@ -85,50 +84,6 @@ def jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): jsonable(x) for k, x in v.items()}
     return repr(v)
-
-
-class _HeadView:
-    """The first bytes of a file, reporting the file's full length.
-
-    ``parse_header`` validates tensor offsets against the file's length; this lets it do so from the
-    header bytes alone, without the data region being read.
-    """
-
-    def __init__(self, head: bytes, total: int) -> None:
-        self.head = head
-        self.total = total
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __getitem__(self, item: slice) -> bytes:
-        stop = item.stop if item.stop is not None else self.total
-        if stop > len(self.head):
-            raise CheckpointCorruptError("safetensors header read past the bytes fetched")
-        return self.head[item]
-
-
-def header_length(first8: bytes, total: int, where: str) -> int:
-    """The header length a safetensors file declares in its first 8 bytes, checked against its size.
-
-    Raises:
-        CheckpointCorruptError: fewer than 8 bytes.
-        UnsafeCheckpointError: the declared header is larger than the file or the safetensors limit.
-    """
-    if len(first8) < 8:
-        raise CheckpointCorruptError(f"{where}: {len(first8)} bytes is too short for a safetensors file")
-    (n,) = struct.unpack("<Q", first8[:8])
-    if n > MAX_HEADER_BYTES or n > total - 8:
-        raise UnsafeCheckpointError(
-            f"{where}: header claims {n} bytes but the file has {total}; the file is truncated or hostile."
-        )
-    return int(n)
-
-
-def read_header(head: bytes, total: int, where: str) -> dict[str, TensorSpec]:
-    """Parse a safetensors header from a file's first ``8 + n`` bytes (``total`` is the file size)."""
-    specs, _ = parse_header(cast(bytes, _HeadView(head, total)), where)
-    return specs
 
 
 @dataclass
@@ -299,7 +254,7 @@ class Root:
         where = self.where(step, relpath)
         n = header_length(self.read_range(step, relpath, 0, 8, size), size, where)
         head = self.read_range(step, relpath, 0, 8 + n, size)
-        return read_header(head, size, where)
+        return parse_head(head, size, where)
 
     def _chunks(self, step: int, relpath: str, size: int) -> Iterator[bytes]:
         st = self.storage

@@ -26,6 +26,8 @@ from .errors import CheckpointCorruptError, UnsafeCheckpointError
 
 __all__ = [
     "RangeReader",
+    "header_length",
+    "parse_head",
     "matches_exactly",
     "read_header",
     "TensorSpec",
@@ -162,11 +164,17 @@ def parse_header(buf: Any, where: str) -> tuple[dict[str, TensorSpec], int]:
         UnsafeCheckpointError: the header declares absurd sizes.
     """
     total = len(buf)
-    n = _header_len(bytes(buf[:8]), total, where)
+    n = header_length(bytes(buf[:8]), total, where)
     return _parse_header_json(bytes(buf[8 : 8 + n]), total, where)
 
 
-def _header_len(prefix: bytes, total: int, where: str) -> int:
+def header_length(prefix: bytes, total: int, where: str) -> int:
+    """The header length a safetensors file of ``total`` bytes declares in its first 8 bytes.
+
+    Raises:
+        CheckpointCorruptError: fewer than 8 bytes.
+        UnsafeCheckpointError: the declared header is larger than the file or the safetensors limit.
+    """
     if total < 8 or len(prefix) < 8:
         raise CheckpointCorruptError(f"{where}: {total} bytes is too short for a safetensors file")
     (n,) = struct.unpack("<Q", prefix[:8])
@@ -175,6 +183,20 @@ def _header_len(prefix: bytes, total: int, where: str) -> int:
             f"{where}: header claims {n} bytes but the file has {total}; the file is truncated or hostile."
         )
     return int(n)
+
+
+def parse_head(head: bytes, total: int, where: str) -> dict[str, TensorSpec]:
+    """Parse a safetensors header from a file's first bytes (``total`` is the whole file's size), so a
+    header can be checked without reading the data region.
+
+    Raises:
+        CheckpointCorruptError: ``head`` ends before the header does, or the header is malformed.
+        UnsafeCheckpointError: the header declares absurd sizes.
+    """
+    n = header_length(head[:8], total, where)
+    if len(head) < 8 + n:
+        raise CheckpointCorruptError(f"{where}: the file ends inside its {n}-byte safetensors header")
+    return _parse_header_json(head[8 : 8 + n], total, where)[0]
 
 
 def _parse_header_json(raw: bytes, total: int, where: str) -> tuple[dict[str, TensorSpec], int]:
@@ -301,7 +323,7 @@ def _read_raw_header(reader: RangeReader, size: int, where: str) -> bytes:
     if size < 8:
         raise CheckpointCorruptError(f"{where}: {size} bytes is too short for a safetensors file")
     reader.read_at(memoryview(prefix), 0)
-    raw = bytearray(8 + _header_len(bytes(prefix), size, where))
+    raw = bytearray(8 + header_length(bytes(prefix), size, where))
     raw[:8] = prefix
     reader.read_at(memoryview(raw)[8:], 8)
     return bytes(raw)
