@@ -20,7 +20,14 @@ from ._manifest import SCOPE_RANK, Manifest, entry_files, step_dir
 from ._partial import module_state
 from ._shapes import load_matching
 from ._storage import Buffer, Storage
-from ._tensorfile import RangeReader, matches_exactly, read_header, read_tensors, tensors_from_buffer
+from ._tensorfile import (
+    RangeReader,
+    matches_exactly,
+    parse_head,
+    read_raw_header,
+    read_tensors,
+    tensors_from_buffer,
+)
 from .errors import CheckpointCorruptError, StateMismatchError
 
 if TYPE_CHECKING:
@@ -111,7 +118,7 @@ def _load_entry(
     skeleton = readers.skeleton(json_name)
     tensors: dict[str, torch.Tensor] = {}
     if st_name:
-        live = it if touch and _same_structure(it.obj, skeleton) else None
+        live = it if touch and _same_structure(readers.live(it), skeleton) else None
         tensors = _read_tensor_file(readers, m, st_name, where, live)
 
     def lookup(
@@ -161,6 +168,8 @@ class _Readers:
         self.open: dict[str, RangeReader] = {}
         self.fetched: dict[str, Future[Download]] = {}
         self.skeletons: dict[str, Any] = {}
+        self.headers: dict[str, bytes] = {}
+        self.lives: dict[str, _Live | None] = {}
         self.stack.callback(self._cancel_fetches)
 
     def prefetch(self, relpaths: list[str]) -> None:
@@ -192,6 +201,18 @@ class _Readers:
         fut = self.fetched.pop(relpath, None)
         return read_verified(self.storage, self.step, self.m, relpath, self.where, fut)
 
+    def header(self, relpath: str, size: int) -> bytes:
+        """A tensor file's raw header (length prefix and JSON), read once."""
+        if relpath not in self.headers:
+            self.headers[relpath] = read_raw_header(self.get(relpath, size), size, f"{self.where}/{relpath}")
+        return self.headers[relpath]
+
+    def live(self, it: Item) -> _Live | None:
+        """``it``'s own state as a save would encode it, computed once (None: no in-place read)."""
+        if it.name not in self.lives:
+            self.lives[it.name] = _live_view(it.obj)
+        return self.lives[it.name]
+
     def get(self, relpath: str, size: int) -> RangeReader:
         reader = self.open.get(relpath)
         if reader is None:
@@ -215,13 +236,15 @@ def _read_tensor_file(
     if not readers.supported:  # a storage without positional reads (an object store)
         buf = readers.verified(relpath)
         return tensors_from_buffer(buf, f"{where}/{relpath}")
-    dest = live_tensors(live.obj) if live is not None else None
-    reader = readers.get(relpath, rec.size)
-    if dest is not None and not matches_exactly(dest, read_header(reader, rec.size, f"{where}/{relpath}")):
+    view = readers.live(live) if live is not None else None
+    raw_header = readers.header(relpath, rec.size)
+    dest = view.tensors if view is not None else None
+    if dest is not None and not matches_exactly(dest, parse_head(raw_header, rec.size, f"{where}/{relpath}")):
         dest = None  # e.g. an optimizer without state yet: its tensors go into new memory
     if dest is not None and live is not None:
         readers.touched.append(live.name)
-    tensors, crc = read_tensors(reader, rec.size, f"{where}/{relpath}", dest)
+    reader = readers.get(relpath, rec.size)
+    tensors, crc = read_tensors(reader, rec.size, f"{where}/{relpath}", dest, raw_header)
     actual = crc_hex(crc)
     if actual != rec.crc32c:
         raise CheckpointCorruptError(
@@ -247,15 +270,13 @@ def _all_match(readers: _Readers, m: Manifest, live: list[Item], world: World, w
         rec = m.files.get(st_name)
         if rec is None:
             continue
-        if not _same_structure(it.obj, readers.skeleton(json_name)):
+        view = readers.live(it)
+        if not _same_structure(view, readers.skeleton(json_name)):
             return False
         if not isinstance(it.obj, torch.nn.Module):
             continue  # an optimizer's tensors are matched when its file is read
-        dest = live_tensors(it.obj)
-        if dest is None:
-            return False
-        header = read_header(readers.get(st_name, rec.size), rec.size, f"{where}/{st_name}")
-        if not matches_exactly(dest, header):
+        header = parse_head(readers.header(st_name, rec.size), rec.size, f"{where}/{st_name}")
+        if view is None or not matches_exactly(view.tensors, header):
             return False
     return True
 
@@ -266,39 +287,49 @@ def live_tensors_possible(obj: Any) -> bool:
     return isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
 
 
-def _same_structure(obj: Any, skeleton: Any) -> bool:
-    """Whether ``load_state_dict`` of ``obj`` cannot refuse the saved state for a reason other than
-    tensor names, dtypes and shapes (those are compared with the file's header).
+@dataclass(frozen=True)
+class _Live:
+    """A live Module's or Optimizer's state as a save encodes it: the JSON skeleton and its tensors."""
 
-    A Module: its saved skeleton equals its own (same keys, non-tensor values and metadata versions),
-    so the key check after the read passes. An Optimizer: the same parameter indices in the same
-    groups, which ``Optimizer.load_state_dict`` checks only after every tensor was read.
-    """
-    try:
-        if isinstance(obj, torch.nn.Module):
-            own = encode(module_state(obj), TensorTable())
-            return bool(json.loads(json.dumps(own)) == skeleton)
-        if isinstance(obj, torch.optim.Optimizer):
-            saved_groups = skeleton["param_groups"] if isinstance(skeleton, dict) else None
-            if not isinstance(saved_groups, list):
-                return False
-            own_groups = [g["params"] for g in obj.state_dict()["param_groups"]]
-            return own_groups == [g.get("params") if isinstance(g, dict) else None for g in saved_groups]
-    except Exception:  # a structure the codec or the optimizer cannot describe: no shortcut
-        return False
-    return False
+    module: bool
+    skeleton: Any
+    tensors: dict[str, torch.Tensor]
 
 
-def live_tensors(obj: Any) -> dict[str, torch.Tensor] | None:
-    """The tensors of a Module's or Optimizer's state, named as a save names them (None for others)."""
+def _live_view(obj: Any) -> _Live | None:
     if not live_tensors_possible(obj):
         return None
+    module = isinstance(obj, torch.nn.Module)
     try:
         table = TensorTable()
-        encode(module_state(obj) if isinstance(obj, torch.nn.Module) else obj.state_dict(), table)
+        skeleton = encode(module_state(obj) if module else obj.state_dict(), table)
+        # As the JSON file holds it (tuples become lists), so the two compare equal when they match.
+        return _Live(module, json.loads(json.dumps(skeleton)), table.tensors)
     except Exception:  # a state the codec refuses is save's error to report; here: no shortcut
         return None
-    return table.tensors
+
+
+def _same_structure(view: _Live | None, saved: Any) -> bool:
+    """Whether ``load_state_dict`` cannot refuse the saved state for a reason other than tensor names,
+    dtypes and shapes (those are compared with the file's header).
+
+    A Module: the saved skeleton equals its own (same keys, non-tensor values and metadata versions), so
+    the key check after the read passes. An Optimizer: the same parameter indices in the same groups,
+    which ``Optimizer.load_state_dict`` checks only after every tensor was read.
+    """
+    if view is None:
+        return False
+    if view.module:
+        return bool(view.skeleton == saved)
+    saved_groups = _param_groups(saved)
+    return saved_groups is not None and saved_groups == _param_groups(view.skeleton)
+
+
+def _param_groups(skeleton: Any) -> list[Any] | None:
+    groups = skeleton.get("param_groups") if isinstance(skeleton, dict) else None
+    if not isinstance(groups, list):
+        return None
+    return [g.get("params") if isinstance(g, dict) else None for g in groups]
 
 
 def read_verified(

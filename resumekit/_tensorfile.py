@@ -29,7 +29,7 @@ __all__ = [
     "header_length",
     "parse_head",
     "matches_exactly",
-    "read_header",
+    "read_raw_header",
     "TensorSpec",
     "parse_header",
     "read_tensors",
@@ -317,8 +317,8 @@ def _fits(dest: torch.Tensor, spec: TensorSpec) -> bool:
     )
 
 
-def _read_raw_header(reader: RangeReader, size: int, where: str) -> bytes:
-    """The 8-byte length prefix and the JSON header, as stored."""
+def read_raw_header(reader: RangeReader, size: int, where: str) -> bytes:
+    """A safetensors file's first bytes up to the end of its header (length prefix and JSON), as stored."""
     prefix = bytearray(8)
     if size < 8:
         raise CheckpointCorruptError(f"{where}: {size} bytes is too short for a safetensors file")
@@ -329,19 +329,17 @@ def _read_raw_header(reader: RangeReader, size: int, where: str) -> bytes:
     return bytes(raw)
 
 
-def read_header(reader: RangeReader, size: int, where: str) -> dict[str, TensorSpec]:
-    """Read and validate only the header of a safetensors file of ``size`` bytes."""
-    raw = _read_raw_header(reader, size, where)
-    return _parse_header_json(raw[8:], size, where)[0]
-
-
 def matches_exactly(dest: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> bool:
     """Whether the file's tensors can all be read into ``dest``: same names, dtypes and shapes (CPU, contiguous)."""
     return dest.keys() == specs.keys() and all(_fits(dest[n], sp) for n, sp in specs.items())
 
 
 def read_tensors(
-    reader: RangeReader, size: int, where: str, dest: Mapping[str, torch.Tensor] | None = None
+    reader: RangeReader,
+    size: int,
+    where: str,
+    dest: Mapping[str, torch.Tensor] | None = None,
+    raw_header: bytes | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Read a safetensors file of ``size`` bytes; return its tensors and the crc32c of every byte.
 
@@ -360,6 +358,7 @@ def read_tensors(
         where: the file's name for error messages.
         dest: name -> live tensor to read into (names as :class:`~resumekit._codec.TensorTable` gives them),
             or None.
+        raw_header: the file's header as :func:`read_raw_header` gave it, when the caller already read it.
 
     Returns:
         ``(tensors, crc32c)``. The caller must compare the checksum before trusting the values; on a
@@ -369,7 +368,7 @@ def read_tensors(
         CheckpointCorruptError: the header is malformed or the file ends early.
         UnsafeCheckpointError: the header declares absurd sizes.
     """
-    raw = _read_raw_header(reader, size, where)
+    raw = raw_header if raw_header is not None else read_raw_header(reader, size, where)
     specs, data_start = _parse_header_json(raw[8:], size, where)
     crc = crc32c.crc32c(raw)
     out: dict[str, torch.Tensor] = {}
