@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import Counter
 from typing import Any
 
 import pytest
 import torch
-from _sampler_helpers import Unreadable, take
+from _sampler_helpers import Unreadable, assert_exact_repartition, take
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler, SequentialSampler
@@ -145,31 +144,7 @@ def test_new_world_size_visits_every_unseen_sample_exactly_once(
     seen = [i for rank_list in take(first, k) for i in rank_list]
     state = first[0].state_dict()
 
-    after = restored(state, n, new_world, **kw)
-    lengths = [len(s) for s in after]
-    rest = [list(s) for s in after]
-    assert lengths == [len(r) for r in rest]
-    counts = {len(r) for r in rest}
-    assert len(counts) == 1, "every rank gets the same count"
-    unseen_count = max(0, n - k * world)
-    per_rank = counts.pop()
-    assert per_rank == per_rank_count(unseen_count, new_world, drop_last)
-
-    got = Counter(i for r in rest for i in r)
-    seen_set = set(seen)
-    if k * world <= n:
-        assert len(seen_set) == len(seen), "no sample seen twice before the padding region"
-    assert not seen_set & set(got), "nothing already seen is yielded again"
-    unseen = set(range(n)) - seen_set
-    if drop_last:
-        assert all(c == 1 for c in got.values())
-        assert set(got) <= unseen
-        assert len(unseen) - len(got) == unseen_count % new_world  # only the uneven tail is dropped
-    else:
-        assert set(got) == unseen, "every unseen sample is visited"
-        padding = sum(got.values()) - len(unseen)
-        assert padding == per_rank * new_world - unseen_count
-        assert 0 <= padding < new_world or unseen_count == 0
+    assert_exact_repartition(seen, restored(state, n, new_world, **kw), n, k, world, new_world, drop_last)
 
 
 @settings(max_examples=60, deadline=None)

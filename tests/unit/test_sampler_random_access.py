@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _sampler_helpers import Unreadable, take
+from _sampler_helpers import Unreadable, assert_exact_repartition, take
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -271,29 +271,7 @@ def test_new_world_size_visits_every_unseen_sample_exactly_once(
         state = first[0].state_dict()
 
         after = restored(state, n, new_world, **kw)
-        lengths = [len(s) for s in after]
-        rest = [list(s) for s in after]
-        assert lengths == [len(r) for r in rest]
-        assert len({len(r) for r in rest}) == 1, "every rank gets the same count"
-        unseen_count = max(0, n - k * world)
-        per_rank = len(rest[0])
-        assert per_rank == per_rank_count(unseen_count, new_world, drop_last)
-
-        got = Counter(i for r in rest for i in r)
-        seen_set = set(seen)
-        if k * world <= n:
-            assert len(seen_set) == len(seen), "no sample seen twice before the padding region"
-        assert not seen_set & set(got), "nothing already seen is yielded again"
-        unseen = set(range(n)) - seen_set
-        if drop_last:
-            assert all(c == 1 for c in got.values())
-            assert set(got) <= unseen
-            assert len(unseen) - len(got) == unseen_count % new_world
-        else:
-            assert set(got) == unseen, "every unseen sample is visited"
-            padding = sum(got.values()) - len(unseen)
-            assert padding == per_rank * new_world - unseen_count
-            assert 0 <= padding < new_world or unseen_count == 0
+        assert_exact_repartition(seen, after, n, k, world, new_world, drop_last)
 
 
 def test_fast_forward_deep_into_a_huge_epoch_reads_nothing_and_lands_exactly() -> None:
