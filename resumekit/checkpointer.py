@@ -369,8 +369,15 @@ class Checkpointer:
         # Reading straight into live tensors skips a copy and fresh memory (on some machines as costly
         # as the disk read). It is done only when every check that runs after the read would pass
         # (drift, validate hooks, exact names and shapes), so a refused restore still changes nothing.
+        drift_reports: dict[int, DriftReport] = {}
+
+        def drift(m: Manifest) -> DriftReport:  # computed once per candidate step
+            if m.step not in drift_reports:
+                drift_reports[m.step] = self._drift(m, world)
+            return drift_reports[m.step]
+
         def in_place(m: Manifest, values: Mapping[str, Any]) -> frozenset[str]:
-            if allow_shape_mismatch or self._drift(m, world).errors:
+            if allow_shape_mismatch or drift(m).errors:
                 return frozenset()
             for it in items:
                 validate = getattr(it.obj, "resumekit_validate", None)
@@ -450,7 +457,7 @@ class Checkpointer:
                 )
             return None
         m = loaded.manifest
-        report = self._drift(m, world)
+        report = drift(m)
         report.raise_for_errors()  # before any object is touched
         report.emit(log, stacklevel=2)
         for name in loaded.absent_rank:
