@@ -8,13 +8,14 @@ single-process answer, so the Checkpointer has one code path.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "current_world"]
+__all__ = ["Outcomes", "RankFailure", "World", "current_world", "describe"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,71 @@ class World:
         bufs = [torch.empty_like(buf) for _ in range(self.size)]
         dist.all_gather(bufs, buf, group=self.group)
         return [json.loads(bytes(b[: int(s.item())].cpu().numpy())) for b, s in zip(bufs, sizes)]
+
+    def gather_outcomes(
+        self, error: BaseException | None, kind: str = "error", payload: Any = None
+    ) -> Outcomes:
+        """Every rank learns every rank's outcome: its failure (``kind`` and message) or its ``payload``.
+
+        This is the one way ranks agree before they go on: a collective must never be left waiting
+        for a rank that raised, and no rank may carry on with a step another rank refused. Pair it
+        with :meth:`Outcomes.raise_failures`.
+        """
+        reports = self.all_gather_json(
+            {"kind": kind if error is not None else "", "error": describe(error), "payload": payload}
+        )
+        return Outcomes(
+            tuple(RankFailure(rank, r["kind"], r["error"]) for rank, r in enumerate(reports) if r["error"]),
+            tuple(r["payload"] for r in reports),
+            self.distributed,
+        )
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """One rank's failure, as every rank learned it."""
+
+    rank: int
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """What every rank reported to :meth:`World.gather_outcomes` (payloads in rank order)."""
+
+    failures: tuple[RankFailure, ...]
+    payloads: tuple[Any, ...]
+    distributed: bool
+
+    def of(self, *kinds: str) -> tuple[RankFailure, ...]:
+        """The failures of these kinds (every kind when none is given)."""
+        return tuple(f for f in self.failures if not kinds or f.kind in kinds)
+
+    def summary(self, *kinds: str) -> str:
+        """The failed ranks and the first one's message (just the message in a single process)."""
+        failed = self.of(*kinds)
+        if not self.distributed:
+            return "; ".join(f.message for f in failed)
+        return f"rank(s) {', '.join(str(f.rank) for f in failed)}: {failed[0].message}" if failed else ""
+
+    def raise_failures(
+        self, local: BaseException | None, elsewhere: Callable[[str], BaseException], *kinds: str
+    ) -> None:
+        """Raise together when any rank failed (with one of ``kinds``; any failure when none is given):
+        ``local`` on a rank that failed so, ``elsewhere(summary)`` on the others."""
+        if not self.of(*kinds):
+            return
+        if local is not None:
+            raise local
+        raise elsewhere(self.summary(*kinds))
+
+
+def describe(exc: BaseException | None) -> str | None:
+    """``"Type: message"`` of an exception, for collectives and messages; None for None."""
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}"
 
 
 def current_world(group: Any = None) -> World:

@@ -9,7 +9,7 @@ from typing import Any
 from ._manifest import SCOPE_RANK, SCOPE_REPLICATED, validate_entry_name
 from ._protocol import TrainingState
 
-__all__ = ["Item", "check_step", "crc_hex", "describe", "items_of"]
+__all__ = ["Item", "check_step", "items_of"]
 
 
 @dataclass
@@ -54,30 +54,8 @@ def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
     return items
 
 
-def _check_step(step: Any) -> int:
-    if type(step) is not int or step < 0:
-        raise TypeError(f"step must be a non-negative int, got {step!r}")
-    return step
-
-
-def _crc_hex(crc: int) -> str:
-    return f"{crc & 0xFFFFFFFF:08x}"
-
-
 def check_step(step: Any) -> int:
     """Validate a step number: a non-negative int (bool refused)."""
     if type(step) is not int or step < 0:
         raise TypeError(f"step must be a non-negative int, got {step!r}")
     return step
-
-
-def crc_hex(crc: int) -> str:
-    """A crc32c as the manifest spells it."""
-    return f"{crc & 0xFFFFFFFF:08x}"
-
-
-def describe(exc: BaseException | None) -> str | None:
-    """``"Type: message"`` of an exception, for collectives and messages; None for None."""
-    if exc is None:
-        return None
-    return f"{type(exc).__name__}: {exc}"

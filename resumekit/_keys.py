@@ -15,6 +15,7 @@ state dict), ``_orig_mod`` segments are removed wherever they appear (torch rese
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
 from torch import nn
@@ -22,6 +23,7 @@ from torch import nn
 from resumekit.errors import StateMismatchError
 
 __all__ = [
+    "ModuleKeys",
     "canonical_key_map",
     "canonical_state_dict",
     "load_canonical",
@@ -104,6 +106,29 @@ def _rekey(state: Mapping[str, _V], new_keys: list[str], what: str) -> dict[str,
     return out
 
 
+@dataclass(frozen=True)
+class ModuleKeys:
+    """A module's own ``state_dict`` (``keep_vars=True``) and the canonical name of each key, built
+    once and shared by every check and load of one save or restore.
+
+    Attributes:
+        own: the module's own state, by its own keys (live tensors, not copies).
+        canonical: ``{own_key: canonical_key}`` in ``state_dict`` order.
+        wrapper_paths: the key paths wrappers insert (see :func:`canonical_state_dict`).
+    """
+
+    own: Mapping[str, Any]
+    canonical: Mapping[str, str]
+    wrapper_paths: frozenset[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModuleKeys:
+        """The keys of ``model`` as it is now (plain or wrapped, wrappers at any depth)."""
+        paths = _wrapper_paths(model)
+        own = model.state_dict(keep_vars=True)
+        return cls(own, {key: _canonical_key(key, paths) for key in own}, paths)
+
+
 def canonical_key_map(model: nn.Module) -> dict[str, str]:
     """Map each of the model's own ``state_dict`` keys to its canonical name.
 
@@ -113,8 +138,7 @@ def canonical_key_map(model: nn.Module) -> dict[str, str]:
     Returns:
         ``{own_key: canonical_key}`` in ``state_dict`` order.
     """
-    paths = _wrapper_paths(model)
-    return {key: _canonical_key(key, paths) for key in model.state_dict(keep_vars=True)}
+    return dict(ModuleKeys.of(model).canonical)
 
 
 def canonical_state_dict(state: Mapping[str, _V], model: Optional[nn.Module] = None) -> dict[str, _V]:
@@ -138,7 +162,9 @@ def canonical_state_dict(state: Mapping[str, _V], model: Optional[nn.Module] = N
     return _rekey(state, [_canonical_key(k, paths) for k in state], "state_dict")
 
 
-def to_model_keys(state: Mapping[str, _V], model: nn.Module) -> dict[str, _V]:
+def to_model_keys(
+    state: Mapping[str, _V], model: nn.Module, keys: Optional[ModuleKeys] = None
+) -> dict[str, _V]:
     """Rename canonical keys to the names ``model`` itself uses, so ``model.load_state_dict`` accepts them.
 
     A state dict from elsewhere that still carries wrapper prefixes (a plain ``torch.save`` of a DDP
@@ -148,29 +174,34 @@ def to_model_keys(state: Mapping[str, _V], model: nn.Module) -> dict[str, _V]:
     Args:
         state: Saved module state, normally with canonical keys.
         model: The target module, plain or wrapped.
+        keys: ``model``'s keys when the caller built them already.
 
     Returns:
         A new dict keyed by the model's own names, in the original order.
     """
-    own = {canonical: key for key, canonical in canonical_key_map(model).items()}
-    keys = list(state)
-    direct = sum(k in own for k in keys)
-    if direct < len(keys):
-        stripped = _heuristic_keys(keys)
+    keys = keys if keys is not None else ModuleKeys.of(model)
+    own = {canonical: key for key, canonical in keys.canonical.items()}
+    names = list(state)
+    direct = sum(k in own for k in names)
+    if direct < len(names):
+        stripped = _heuristic_keys(names)
         if sum(k in own for k in stripped) > direct:
             state = _rekey(state, stripped, "state_dict")
     return _rekey(state, [own.get(k, k) for k in state], "state_dict")
 
 
-def load_canonical(model: nn.Module, state: Mapping[str, Any], *, strict: bool = True) -> Any:
+def load_canonical(
+    model: nn.Module, state: Mapping[str, Any], *, strict: bool = True, keys: Optional[ModuleKeys] = None
+) -> Any:
     """Load a canonical state dict into a plain or wrapped model.
 
     Args:
         model: The target module.
         state: Module state with canonical (or wrapper-prefixed) keys.
         strict: Passed to ``load_state_dict``.
+        keys: ``model``'s keys when the caller built them already.
 
     Returns:
         What ``model.load_state_dict`` returns (missing and unexpected keys, in the model's names).
     """
-    return model.load_state_dict(to_model_keys(state, model), strict=strict)
+    return model.load_state_dict(to_model_keys(state, model, keys), strict=strict)

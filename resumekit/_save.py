@@ -16,12 +16,13 @@ import torch
 
 from ._async import StagingPool
 from ._codec import TensorTable, encode
-from ._dist import World
-from ._entries import Item, check_step, crc_hex, describe, items_of
+from ._dist import World, describe
+from ._entries import Item, check_step, items_of
 from ._manifest import SCOPE_REPLICATED, FileRecord, Manifest, entry_files
 from ._partial import module_state
 from ._storage import Stage, Storage
 from ._tensorfile import write_tensors
+from ._verify import crc_hex
 from .errors import StepExistsError, StorageError
 
 __all__ = ["Snapshot", "take_snapshot", "write"]
@@ -88,14 +89,12 @@ def take_snapshot(
         error = exc
     # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
     # forever in a collective of _write).
-    failed = [(r, e) for r, e in enumerate(world.all_gather_json(describe(error))) if e]
-    if failed:
-        if error is not None:
-            raise error
-        raise StorageError(
-            f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
-            "Nothing was written; earlier checkpoints are intact."
-        )
+    world.gather_outcomes(error).raise_failures(
+        error,
+        lambda failed: StorageError(
+            f"saving step {step} failed on {failed}. Nothing was written; earlier checkpoints are intact."
+        ),
+    )
     return snap
 
 
@@ -120,22 +119,19 @@ def write(
         files = _write_files(stage, snap, world)
     except Exception as exc:
         local_exc = exc
-    reports = world.all_gather_json(
-        {"files": {p: [r.size, r.crc32c] for p, r in files.items()}, "error": describe(local_exc)}
+    outcomes = world.gather_outcomes(local_exc, payload={p: [r.size, r.crc32c] for p, r in files.items()})
+    if outcomes.failures and stage is not None:
+        stage.abort()
+    outcomes.raise_failures(
+        local_exc,
+        lambda failed: StorageError(
+            f"saving step {step} failed on {failed}. Nothing was committed; earlier checkpoints are intact."
+        ),
     )
-    failed = [(rank, r["error"]) for rank, r in enumerate(reports) if r["error"]]
-    if failed:
-        if stage is not None:
-            stage.abort()
-        if local_exc is not None:
-            raise local_exc
-        raise StorageError(
-            f"saving step {step} failed on rank(s) {', '.join(str(r) for r, _ in failed)}: {failed[0][1]}. "
-            "Nothing was committed; earlier checkpoints are intact."
-        )
+    reports = outcomes.payloads
     commit_error = None
     if world.rank == 0 and stage is not None:
-        all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r["files"].items()}
+        all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r.items()}
         manifest = make_manifest(stage.data_prefix, all_files)
         try:
             stage.commit(manifest.to_json())
@@ -148,7 +144,7 @@ def write(
         if local_exc is not None:
             raise local_exc
         raise StorageError(f"rank 0 could not commit step {step}: {commit_error}")
-    return sum(size for r in reports for size, _ in r["files"].values())
+    return sum(size for r in reports for size, _ in r.values())
 
 
 def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRecord]:

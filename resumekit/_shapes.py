@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from resumekit._keys import canonical_key_map, to_model_keys
+from resumekit._keys import ModuleKeys, to_model_keys
 from resumekit.errors import StateMismatchError
 
 __all__ = [
@@ -84,7 +84,9 @@ def _fmt(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def find_shape_mismatches(saved: Mapping[str, Any], model: nn.Module) -> list[ShapeMismatch]:
+def find_shape_mismatches(
+    saved: Mapping[str, Any], model: nn.Module, keys: Optional[ModuleKeys] = None
+) -> list[ShapeMismatch]:
     """List every saved tensor whose shape differs from the model's tensor of the same name.
 
     Args:
@@ -93,15 +95,16 @@ def find_shape_mismatches(saved: Mapping[str, Any], model: nn.Module) -> list[Sh
             run before any tensor data is read. Keys the model lacks and non-tensor values are ignored
             here; ``load_state_dict`` reports missing and unexpected keys.
         model: The target module, plain or wrapped.
+        keys: ``model``'s keys when the caller built them already.
 
     Returns:
         The mismatches, in the checkpoint's key order; empty when every shape fits.
     """
-    own = model.state_dict(keep_vars=True)
-    canonical = canonical_key_map(model)
+    keys = keys if keys is not None else ModuleKeys.of(model)
+    canonical = keys.canonical
     mismatches: list[ShapeMismatch] = []
-    for own_key, value in to_model_keys(saved, model).items():
-        target = own.get(own_key)
+    for own_key, value in to_model_keys(saved, model, keys).items():
+        target = keys.own.get(own_key)
         if not isinstance(target, torch.Tensor):
             continue
         saved_shape = _shape(value)
@@ -122,7 +125,9 @@ def _migrates_keys(model: nn.Module) -> bool:
     return False
 
 
-def check_keys(saved: Mapping[str, Any], model: nn.Module, *, entry: str = "model") -> None:
+def check_keys(
+    saved: Mapping[str, Any], model: nn.Module, *, entry: str = "model", keys: Optional[ModuleKeys] = None
+) -> None:
     """Raise before anything is loaded when the saved keys and the model's differ.
 
     ``load_state_dict(strict=True)`` raises too, but only after copying every tensor that matched.
@@ -132,13 +137,13 @@ def check_keys(saved: Mapping[str, Any], model: nn.Module, *, entry: str = "mode
     Raises:
         StateMismatchError: naming the missing and unexpected keys and the fix.
     """
-    own = model.state_dict(keep_vars=True)
-    keyed = to_model_keys(saved, model)
-    missing = [k for k in own if k not in keyed]
-    unexpected = [k for k in keyed if k not in own]
+    keys = keys if keys is not None else ModuleKeys.of(model)
+    keyed = to_model_keys(saved, model, keys)
+    missing = [k for k in keys.own if k not in keyed]
+    unexpected = [k for k in keyed if k not in keys.own]
     if not (missing or unexpected) or _migrates_keys(model):
         return
-    canonical = canonical_key_map(model)
+    canonical = keys.canonical
     parts = []
     if missing:
         parts.append(f"the model has {[canonical[k] for k in missing]} that the checkpoint lacks")
@@ -180,6 +185,7 @@ def check_shapes(
     *,
     entry: str = "model",
     fix: str = DEFAULT_SHAPE_FIX,
+    keys: Optional[ModuleKeys] = None,
 ) -> None:
     """Raise if any saved tensor's shape differs from the model's; do nothing otherwise.
 
@@ -188,11 +194,12 @@ def check_shapes(
         model: The target module.
         entry: The state entry's name, used in the message.
         fix: The call that loads what fits, quoted in the message.
+        keys: ``model``'s keys when the caller built them already.
 
     Raises:
         StateMismatchError: Naming every mismatched parameter with both shapes, and ``fix``.
     """
-    mismatches = find_shape_mismatches(saved, model)
+    mismatches = find_shape_mismatches(saved, model, keys)
     if not mismatches:
         return
     lines = "\n".join(
@@ -207,22 +214,25 @@ def check_shapes(
     )
 
 
-def load_matching(model: nn.Module, saved: Mapping[str, Any]) -> PartialLoad:
+def load_matching(
+    model: nn.Module, saved: Mapping[str, Any], keys: Optional[ModuleKeys] = None
+) -> PartialLoad:
     """Load every saved tensor whose name and shape match the model; leave the rest as they are.
 
     Args:
         model: The target module, plain or wrapped.
         saved: Saved module state (tensors), keyed by canonical or wrapper-prefixed names.
+        keys: ``model``'s keys when the caller built them already.
 
     Returns:
         What was loaded and what was skipped, by canonical name.
     """
-    own = model.state_dict(keep_vars=True)
-    canonical = canonical_key_map(model)
+    keys = keys if keys is not None else ModuleKeys.of(model)
+    own, canonical = keys.own, keys.canonical
     fitting: dict[str, Any] = {}
     mismatches: list[ShapeMismatch] = []
     unexpected: list[str] = []
-    for own_key, value in to_model_keys(saved, model).items():
+    for own_key, value in to_model_keys(saved, model, keys).items():
         if own_key not in own:
             unexpected.append(own_key)
             continue

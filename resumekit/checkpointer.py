@@ -9,30 +9,27 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import _retention
+from ._apply import apply_plan
 from ._async import BackgroundSave, StagingPool
 from ._dist import World, current_world
 from ._entries import Item, check_step, items_of
 from ._env import collect_environment, resumekit_version
 from ._manifest import FORMAT_VERSION, SCOPE_RANK, Entry, FileRecord, Manifest, step_dir
-from ._partial import check_only, optimisation_group, reset_group, scheduler_position
-from ._restore import Loaded, apply_entry, load_step
+from ._messages import not_committed
+from ._plan import RestoreOptions, live_entries
+from ._reader import positional_reads
+from ._restore import read_newest
 from ._save import Snapshot, take_snapshot, write
-from ._shapes import check_keys, check_param_groups, check_shapes
 from ._storage import Storage, open_storage
 from .drift import DriftPolicy, DriftReport, compare
-from .errors import (
-    CheckpointCorruptError,
-    CheckpointNotFoundError,
-    StorageError,
-    UnsafeCheckpointError,
-)
+from .errors import CheckpointNotFoundError
 
 __all__ = ["CheckpointInfo", "Checkpointer", "RestoreResult"]
 
@@ -96,6 +93,9 @@ class Checkpointer:
             writer may still be finishing them).
         amp_dtype: the autocast dtype the run trains with (e.g. ``torch.bfloat16``), recorded with
             the environment so a change on resume is reported as drift.
+        storage: the storage backend to read and write through instead of the one ``url`` opens
+            (``url`` and ``storage_options`` are then not used; the checkpointer's ``url`` is the
+            storage's). For tests and fault injection: wrap ``resumekit._storage.open_storage(url)``.
 
     Example:
         >>> ckpt = Checkpointer("/tmp/run-7", keep_last=3)  # doctest: +SKIP
@@ -116,6 +116,7 @@ class Checkpointer:
         process_group: Any = None,
         orphan_grace_seconds: float = 3600.0,
         amp_dtype: str | torch.dtype | None = None,
+        storage: Storage | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
@@ -135,7 +136,7 @@ class Checkpointer:
         self.orphan_grace_seconds = float(orphan_grace_seconds)
         self._group = process_group
         self.amp_dtype = amp_dtype
-        self._storage: Storage = open_storage(url, storage_options)
+        self._storage: Storage = storage if storage is not None else open_storage(url, storage_options)
         self.url = self._storage.url
         self._staging = StagingPool()
         self._inflight: BackgroundSave | None = None
@@ -349,163 +350,64 @@ class Checkpointer:
             ValueError: ``only=`` splits the optimizer/scaler/scheduler group.
         """
         self.wait()
-        items = items_of(state, self.per_rank)
-        chosen = check_only(state, only) if only is not None else frozenset(state)
-        group_reset = [n for n in optimisation_group(state) if n not in chosen]
-        # A reset scheduler is moved to its saved position, so its saved state is read (not loaded).
-        wanted = [it for it in items if it.name in chosen or it.name in group_reset]
         world = current_world(self._group)
+        entries = live_entries(items_of(state, self.per_rank))
+        options = RestoreOptions.of(
+            state,
+            only,
+            strict=strict,
+            allow_shape_mismatch=allow_shape_mismatch,
+            in_place=not verify_first and positional_reads(self._storage),
+        )
+        found = read_newest(
+            self._storage,
+            self.url,
+            self._restore_candidates(world, step),
+            entries,
+            options,
+            world,
+            lambda m: self._drift(m, world),
+            exact=step is not None,
+        )
+        if found is None:
+            return None
+        plan = found.plan.step
+        plan.drift.emit(log, stacklevel=2)
+        for message in [
+            *map(self._absent_note(plan.step, plan.manifest.world_size, world), plan.absent_rank),
+            *found.plan.warnings,
+        ]:
+            warnings.warn(message, stacklevel=2)
+        skipped_tensors = apply_plan(found.plan, found.values, entries, allow_shape_mismatch)
+        return RestoreResult(
+            step=plan.step,
+            url=f"{self.url}/{step_dir(plan.step)}",
+            config=plan.manifest.config,
+            environment=plan.manifest.environment,
+            drift=plan.drift,
+            skipped=found.skipped,
+            not_restored=plan.not_restored,
+            reset=plan.reset,
+            skipped_tensors=skipped_tensors,
+        )
+
+    def _restore_candidates(self, world: World, step: int | None) -> list[int]:
+        """The steps a restore may read, newest last, as rank 0 lists them (every rank the same)."""
         candidates: list[int] = world.broadcast_json(
             self._storage.step_candidates() if world.rank == 0 else None
         )
-        if step is not None:
-            check_step(step)
-            if step not in candidates or self._storage.read_manifest(step) is None:
-                raise CheckpointNotFoundError(
-                    f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {self.steps()}"
-                )
-            candidates = [step]
+        if step is None:
+            return candidates
+        check_step(step)
+        if step not in candidates or self._storage.read_manifest(step) is None:
+            raise CheckpointNotFoundError(not_committed(step, self.url, self.steps()))
+        return [step]
 
-        # Reading straight into live tensors skips a copy and fresh memory (on some machines as costly
-        # as the disk read). It is done only when every check that runs after the read would pass
-        # (drift, validate hooks, exact names and shapes), so a refused restore still changes nothing.
-        drift_reports: dict[int, DriftReport] = {}
-
-        def drift(m: Manifest) -> DriftReport:  # computed once per candidate step
-            if m.step not in drift_reports:
-                drift_reports[m.step] = self._drift(m, world)
-            return drift_reports[m.step]
-
-        def in_place(m: Manifest, values: Mapping[str, Any]) -> frozenset[str]:
-            if allow_shape_mismatch or drift(m).errors:
-                return frozenset()
-            for it in items:
-                validate = getattr(it.obj, "resumekit_validate", None)
-                if it.name in chosen and callable(validate):
-                    if it.name not in values:
-                        return frozenset()
-                    try:
-                        validate(values[it.name])
-                    except Exception:  # raised again below, before anything is touched
-                        return frozenset()
-            return frozenset(
-                it.name
-                for it in items
-                if it.name in chosen and not callable(getattr(it.obj, "resumekit_validate", None))
-            )
-
-        skipped: list[tuple[int, str]] = []
-        loaded: Loaded | None = None
-        touched: list[str] = []  # entries read in place by a candidate that then failed
-        for s in reversed(candidates):
-            result: Loaded | None = None
-            reason, io_error = "", ""
-            local_io: StorageError | None = None
-            try:
-                result = load_step(
-                    self._storage,
-                    self.url,
-                    s,
-                    wanted,
-                    world,
-                    strict,
-                    None if verify_first else in_place,
-                    touched,
-                )
-            except (CheckpointCorruptError, UnsafeCheckpointError) as exc:
-                reason = str(exc)
-            except StorageError as exc:
-                # The store is unreachable, not the checkpoint corrupt: falling back would silently
-                # rewind the run (and its next save of a newer step would collide). Raise instead.
-                io_error, local_io = str(exc), exc
-            reports = world.all_gather_json([reason, io_error])
-            failed_io = [f"rank {r}: {io}" for r, (_, io) in enumerate(reports) if io]
-            if failed_io:
-                if local_io is not None:
-                    if touched and hasattr(local_io, "add_note"):  # Python 3.11+
-                        local_io.add_note(_touched_note(touched).strip())
-                    raise local_io
-                raise StorageError(
-                    f"reading checkpoint step {s} in '{self.url}' failed: {'; '.join(failed_io)}"
-                )
-            bad = [
-                f"rank {r}: {msg}" if world.distributed else msg for r, (msg, _) in enumerate(reports) if msg
-            ]
-            if not bad and result is None:
-                continue  # not committed (no manifest): an unfinished write or debris, not a checkpoint
-            if not bad and result is not None:
-                loaded = result
-                break
-            why = "; ".join(bad)
-            if step is not None:
-                raise CheckpointCorruptError(
-                    f"checkpoint step {s} in '{self.url}' failed verification: {why}" + _touched_note(touched)
-                )
-            warnings.warn(
-                f"resumekit: checkpoint step {s} in '{self.url}' failed verification and is skipped: {why}. "
-                "Falling back to the previous checkpoint.",
-                stacklevel=2,
-            )
-            skipped.append((s, why))
-        if loaded is None:
-            if skipped:
-                listing = "\n".join(f"  step {s}: {why}" for s, why in skipped)
-                raise CheckpointCorruptError(
-                    f"no checkpoint in '{self.url}' verifies:\n{listing}\n"
-                    "Inspect them with `resumekit verify URL`; start fresh with a new folder if none can be saved."
-                    + _touched_note(touched)
-                )
-            return None
-        m = loaded.manifest
-        report = drift(m)
-        report.raise_for_errors()  # before any object is touched
-        report.emit(log, stacklevel=2)
-        for name in loaded.absent_rank:
-            warnings.warn(
-                f"resumekit: checkpoint step {m.step} was saved by {m.world_size} rank(s) and has no '{name}' "
-                f"record for rank {world.rank}; that entry keeps its current state on this rank.",
-                stacklevel=2,
-            )
-        values = {n: v for n, v in loaded.values.items() if n in chosen}
-        # Every check runs before any object is touched: a refused restore changes nothing.
-        for it in items:
-            if it.name not in values:
-                continue
-            if isinstance(it.obj, torch.nn.Module) and not allow_shape_mismatch:
-                check_shapes(
-                    values[it.name], it.obj, entry=it.name, fix="restore(..., allow_shape_mismatch=True)"
-                )
-                check_keys(values[it.name], it.obj, entry=it.name)
-            if isinstance(it.obj, torch.optim.Optimizer):
-                check_param_groups(values[it.name], it.obj, entry=it.name)
-            validate = getattr(it.obj, "resumekit_validate", None)
-            if callable(validate):
-                validate(values[it.name])
-        skipped_tensors: list[str] = []
-        # Order: every other entry, then the group reset, then RNG last (nothing after it draws).
-        ordered = [it for it in items if not it.last] + [it for it in items if it.last]
-        for i, it in enumerate(ordered):
-            if it.last and (i == 0 or not ordered[i - 1].last):
-                self._reset(state, group_reset, loaded)
-            if it.name in values:
-                skipped_tensors.extend(apply_entry(it, values[it.name], allow_shape_mismatch))
-        if not any(it.last for it in ordered):
-            self._reset(state, group_reset, loaded)
-        not_restored = tuple(
-            it.name
-            for it in items
-            if it.name not in loaded.values and it.name not in loaded.absent_rank and it.name in chosen
-        )
-        return RestoreResult(
-            step=m.step,
-            url=f"{self.url}/{step_dir(m.step)}",
-            config=m.config,
-            environment=m.environment,
-            drift=report,
-            skipped=tuple(skipped),
-            not_restored=not_restored,
-            reset=tuple(group_reset),
-            skipped_tensors=tuple(skipped_tensors),
+    @staticmethod
+    def _absent_note(step: int, saved_world: int, world: World) -> Callable[[str], str]:
+        return lambda name: (
+            f"resumekit: checkpoint step {step} was saved by {saved_world} rank(s) and has no '{name}' "
+            f"record for rank {world.rank}; that entry keeps its current state on this rank."
         )
 
     def _drift(self, m: Manifest, world: World) -> DriftReport:
@@ -518,11 +420,6 @@ class Checkpointer:
             saved_format=m.format_version,
             current_format=FORMAT_VERSION,
         )
-
-    @staticmethod
-    def _reset(state: Mapping[str, Any], group: list[str], loaded: Loaded) -> None:
-        if group:
-            reset_group(state, group, {n: scheduler_position(loaded.values.get(n, {})) for n in group})
 
     # -- context manager ----------------------------------------------------------------------------
 
@@ -538,14 +435,3 @@ class Checkpointer:
             self.wait()
         finally:
             self._staging.clear()
-
-
-def _touched_note(touched: list[str]) -> str:
-    """What a failed restore left in objects it read into in place ("" when none)."""
-    if not touched:
-        return ""
-    names = ", ".join(sorted(set(touched)))
-    return (
-        f"\nThe tensors of {names} were being read in place and may hold part of a checkpoint: re-create "
-        "these objects before using them (restore with verify_first=True to keep them untouched on failure)."
-    )

@@ -1,0 +1,402 @@
+"""Restore plans: what a restore of one step reads, loads, resets and refuses, decided without I/O.
+
+A restore of one checkpoint step is planned in two pure steps around one read of metadata:
+
+1. :func:`plan_step` (the manifest, the live entries, the options, the drift report) gives a
+   :class:`StepPlan`: the entries this rank reads and from which files, which are reset, and every
+   refusal the manifest alone shows (drift, entries missing under ``strict``).
+2. The executor (:mod:`resumekit._reader`) reads the plan's metadata into :class:`Facts`: every
+   skeleton, the header of each tensor file that may be read in place, and, whole, every entry that is
+   never read in place.
+3. :func:`plan_load` (the step plan, the facts, the live entries) gives a :class:`LoadPlan`: every
+   other refusal (names, shapes, optimizer groups, ``resumekit_validate`` hooks, reset schedulers) and
+   which tensor files go straight into live tensors.
+
+Nothing is read into a live object before :func:`plan_load` returned on every rank, so a refused
+restore changes nothing. A new kind of entry (sharded state, whose tensors come from several ranks'
+files) is one more kind of :class:`EntryRead` that :func:`plan_step` emits and the executor reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._codec import TensorTable, decode, encode
+from ._entries import Item
+from ._keys import ModuleKeys
+from ._manifest import SCOPE_RANK, FileRecord, Manifest, entry_files
+from ._partial import (
+    Reset,
+    check_only,
+    is_scheduler,
+    module_state,
+    optimisation_group,
+    plan_resets,
+    scheduler_position,
+)
+from ._shapes import DEFAULT_SHAPE_FIX, check_keys, check_param_groups, check_shapes
+from ._tensorfile import TensorSpec, matches_exactly
+from .drift import DriftReport
+from .errors import CheckpointCorruptError, StateMismatchError
+
+__all__ = [
+    "EntryRead",
+    "Facts",
+    "FileRef",
+    "LiveEntry",
+    "LoadPlan",
+    "RestoreOptions",
+    "StepPlan",
+    "live_entries",
+    "plan_load",
+    "plan_step",
+]
+
+#: Why an entry is read: to load it into its object, or (a reset scheduler) for its saved position.
+LOAD, POSITION = "load", "position"
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """The options of one restore, checked against the state.
+
+    Attributes:
+        chosen: the entries to load (``only=``, else every entry).
+        reset: the optimisation-group entries ``only=`` leaves out, reset together.
+        strict: refuse a checkpoint that lacks a chosen entry.
+        allow_shape_mismatch: load what fits instead of refusing a module's other shapes.
+        in_place: tensor files may be read straight into live tensors (positional reads, not
+            ``verify_first``, not ``allow_shape_mismatch``).
+    """
+
+    chosen: frozenset[str]
+    reset: tuple[str, ...] = ()
+    strict: bool = True
+    allow_shape_mismatch: bool = False
+    in_place: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        state: Mapping[str, Any],
+        only: Iterable[str] | None,
+        *,
+        strict: bool = True,
+        allow_shape_mismatch: bool = False,
+        in_place: bool = False,
+    ) -> RestoreOptions:
+        """Options for ``state``; ``only=`` is checked here (StateMismatchError), before any I/O."""
+        chosen = check_only(state, only) if only is not None else frozenset(state)
+        reset = tuple(n for n in optimisation_group(state) if n not in chosen)
+        return cls(chosen, reset, strict, allow_shape_mismatch, in_place and not allow_shape_mismatch)
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """A live Module's or Optimizer's state as a save encodes it: the JSON skeleton and its tensors."""
+
+    skeleton: Any
+    tensors: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LiveEntry:
+    """One entry of the user's state, with what every check and load of one restore shares.
+
+    Attributes:
+        item: name, object, scope, kind, restore order.
+        keys: a module's keys and canonical names (None for anything else).
+        view: a Module's or Optimizer's state as saved (None: never read in place).
+        validate: the object's ``resumekit_validate`` hook, called once per restore (by the plan).
+    """
+
+    item: Item
+    keys: ModuleKeys | None = None
+    view: LiveView | None = None
+    validate: Any = None
+
+    @property
+    def name(self) -> str:
+        """The entry's name in the state and the checkpoint."""
+        return self.item.name
+
+    @property
+    def may_read_in_place(self) -> bool:
+        """Whether its tensor file may be read into its live tensors: a Module or Optimizer (whose
+        ``load_state_dict`` sets every value it is given anyway) without a validate hook."""
+        return self.view is not None and self.validate is None
+
+
+def live_entries(items: Sequence[Item]) -> tuple[LiveEntry, ...]:
+    """Each item's keys and saved-form view, computed once for the whole restore."""
+    out = []
+    for it in items:
+        validate = getattr(it.obj, "resumekit_validate", None)
+        keys = ModuleKeys.of(it.obj) if isinstance(it.obj, torch.nn.Module) else None
+        view = (
+            _live_view(it.obj, keys) if isinstance(it.obj, (torch.nn.Module, torch.optim.Optimizer)) else None
+        )
+        out.append(LiveEntry(it, keys, view, validate if callable(validate) else None))
+    return tuple(out)
+
+
+def _live_view(obj: Any, keys: ModuleKeys | None) -> LiveView | None:
+    try:
+        table = TensorTable()
+        skeleton = encode(module_state(obj, keys) if keys is not None else obj.state_dict(), table)
+        # As the JSON file holds it (tuples become lists), so the two compare equal when they match.
+        return LiveView(json.loads(json.dumps(skeleton)), table.tensors)
+    except Exception:  # a state the codec refuses is save's error to report; here: no shortcut
+        return None
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file of the step, as the manifest records it."""
+
+    relpath: str
+    record: FileRecord
+
+
+@dataclass(frozen=True)
+class EntryRead:
+    """One entry this rank reads from one step.
+
+    Attributes:
+        name: the entry.
+        purpose: ``"load"`` into its object, or ``"position"`` (a reset scheduler's saved step).
+        skeleton: its JSON file.
+        tensors: its tensor file, if it has one.
+        eager: read whole (into new memory) before :func:`plan_load`; otherwise only its header is,
+            and its tensors after the plan (straight into live tensors when the plan says so).
+    """
+
+    name: str
+    purpose: str
+    skeleton: FileRef
+    tensors: FileRef | None
+    eager: bool
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What to read from one step, from its manifest alone.
+
+    Attributes:
+        step: the step.
+        manifest: its validated manifest.
+        drift: the saved environment and config against this run's (no error-level item).
+        reads: the entries this rank reads.
+        reset: the optimisation-group entries reset instead of loaded.
+        not_restored: chosen entries the checkpoint lacks (``strict=False``), left untouched.
+        absent_rank: chosen per-rank entries without a record for this rank, left untouched.
+    """
+
+    step: int
+    manifest: Manifest
+    drift: DriftReport
+    reads: tuple[EntryRead, ...]
+    reset: tuple[str, ...]
+    not_restored: tuple[str, ...] = ()
+    absent_rank: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> tuple[FileRef, ...]:
+        """Every file the plan reads."""
+        return tuple(f for r in self.reads for f in (r.skeleton, r.tensors) if f is not None)
+
+
+def plan_step(
+    manifest: Manifest, entries: Sequence[LiveEntry], options: RestoreOptions, rank: int, drift: DriftReport
+) -> StepPlan:
+    """Plan the reads of one step for this rank.
+
+    Raises:
+        DriftError: the drift policy rates a change as an error.
+        StateMismatchError: ``strict`` and the checkpoint lacks a chosen entry.
+        CheckpointCorruptError: the manifest does not list an entry's skeleton (falls back).
+    """
+    drift.raise_for_errors()
+    missing = [e.name for e in entries if e.name in options.chosen and e.name not in manifest.entries]
+    if missing and options.strict:
+        raise StateMismatchError(
+            f"checkpoint step {manifest.step} has no entries {missing} (it has {sorted(manifest.entries)}). "
+            "Restore with strict=False to leave those entries as they are, or remove them from state. "
+            "Nothing was loaded."
+        )
+    reads: list[EntryRead] = []
+    absent: list[str] = []
+    for e in entries:
+        purpose = _purpose(e, options)
+        if purpose is None or e.name not in manifest.entries:
+            continue
+        files = _files_of(manifest, e.name, rank)
+        if files is None:
+            absent += [e.name] if purpose == LOAD else []
+            continue
+        eager = purpose == POSITION or not (options.in_place and e.may_read_in_place and files[1] is not None)
+        reads.append(EntryRead(e.name, purpose, files[0], files[1], eager))
+    return StepPlan(
+        manifest.step, manifest, drift, tuple(reads), options.reset, tuple(missing), tuple(absent)
+    )
+
+
+def _purpose(e: LiveEntry, options: RestoreOptions) -> str | None:
+    if e.name in options.chosen:
+        return LOAD
+    if e.name in options.reset and is_scheduler(e.item.obj):
+        return POSITION
+    return None  # a reset optimizer or scaler needs nothing from the checkpoint
+
+
+def _files_of(m: Manifest, name: str, rank: int) -> tuple[FileRef, FileRef | None] | None:
+    """The skeleton and tensor file of ``name`` that ``rank`` reads; None when it has no record."""
+    entry = m.entries[name]
+    owner = rank if entry.scope == SCOPE_RANK else 0
+    if owner not in entry.ranks:
+        return None
+    json_name, st_name = (m.data_prefix + f if f else "" for f in entry_files(name, entry.scope, owner, True))
+    if json_name not in m.files:
+        raise CheckpointCorruptError(f"checkpoint step {m.step}: manifest does not list '{json_name}'")
+    tensors = FileRef(st_name, m.files[st_name]) if st_name in m.files else None
+    return FileRef(json_name, m.files[json_name]), tensors
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What was read of a step before its load plan.
+
+    Attributes:
+        skeletons: entry -> its parsed JSON skeleton.
+        specs: entry -> the tensors its file's header declares (entries not read whole).
+        values: entry -> its decoded state (entries read whole, verified).
+    """
+
+    skeletons: Mapping[str, Any]
+    specs: Mapping[str, Mapping[str, TensorSpec]]
+    values: Mapping[str, Any]
+
+    def saved(self, name: str) -> Any:
+        """The entry's saved state: decoded, or, before its tensors are read, decoded with stand-ins of
+        the right shape and dtype (one element of memory each), which every check needs."""
+        if name in self.values:
+            return self.values[name]
+        specs = self.specs.get(name, {})
+
+        def stand_in(tensor: str) -> torch.Tensor:
+            spec = specs.get(tensor)
+            if spec is None:
+                raise CheckpointCorruptError(
+                    f"entry '{name}': the skeleton refers to tensor '{tensor}', which its file lacks"
+                )
+            return torch.zeros((), dtype=spec.dtype).expand(spec.shape)
+
+        return decode(self.skeletons[name], stand_in, name)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What to load, how, and what to reset; every refusal has been raised.
+
+    Attributes:
+        step: the step plan it completes.
+        in_place: entries whose tensor file is read straight into their live tensors.
+        resets: how each left-out optimisation-group member is reset.
+        warnings: what to tell the user when the plan is applied (e.g. a reset ReduceLROnPlateau).
+    """
+
+    step: StepPlan
+    in_place: frozenset[str]
+    resets: tuple[Reset, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def loads(self) -> tuple[str, ...]:
+        """The entries loaded into their objects."""
+        return tuple(r.name for r in self.step.reads if r.purpose == LOAD)
+
+
+def plan_load(
+    step: StepPlan, facts: Facts, entries: Sequence[LiveEntry], options: RestoreOptions
+) -> LoadPlan:
+    """Complete a step plan from its facts: refuse what would fail, choose what is read in place.
+
+    Raises:
+        StateMismatchError: names, shapes or optimizer groups that do not fit, a scheduler that cannot
+            be reset, or whatever a ``resumekit_validate`` hook raises.
+        CheckpointCorruptError: a skeleton that does not decode (falls back).
+    """
+    by_name = {e.name: e for e in entries}
+    positions: dict[str, int | None] = {}
+    for r in step.reads:
+        saved = facts.saved(r.name)
+        if r.purpose == POSITION:
+            positions[r.name] = scheduler_position(saved)
+        else:
+            check_entry(by_name[r.name], saved, options)
+    state = {e.name: e.item.obj for e in entries}
+    resets, notes = plan_resets(state, step.reset, positions)
+    return LoadPlan(step, _in_place(step, facts, by_name), resets, notes)
+
+
+def check_entry(e: LiveEntry, saved: Any, options: RestoreOptions) -> None:
+    """Every check that can refuse loading ``saved`` into ``e``'s object, run before anything loads.
+
+    Raises:
+        StateMismatchError: a module's names or shapes, an optimizer's parameter groups.
+        Whatever the object's ``resumekit_validate`` hook raises.
+    """
+    obj = e.item.obj
+    if isinstance(obj, torch.nn.Module) and not options.allow_shape_mismatch:
+        check_shapes(saved, obj, entry=e.name, fix=DEFAULT_SHAPE_FIX, keys=e.keys)
+        check_keys(saved, obj, entry=e.name, keys=e.keys)
+    if isinstance(obj, torch.optim.Optimizer):
+        check_param_groups(saved, obj, entry=e.name)
+    if e.validate is not None:
+        e.validate(saved)
+
+
+def _in_place(step: StepPlan, facts: Facts, by_name: Mapping[str, LiveEntry]) -> frozenset[str]:
+    """The entries whose tensor files go straight into their live tensors: all that may, or none.
+
+    All or none, so that no entry is read in place when another's structure would make its
+    ``load_state_dict`` refuse. An optimizer whose tensors differ from the file's (a fresh one,
+    without state yet) is read into new memory without stopping the others.
+    """
+    lazy = [r for r in step.reads if not r.eager]
+    exact: set[str] = set()
+    for r in lazy:
+        view = by_name[r.name].view
+        if view is None or not _same_structure(by_name[r.name], view, facts.skeletons[r.name]):
+            return frozenset()
+        if matches_exactly(view.tensors, facts.specs.get(r.name, {})):
+            exact.add(r.name)
+        elif isinstance(by_name[r.name].item.obj, torch.nn.Module):
+            return frozenset()
+    return frozenset(exact)
+
+
+def _same_structure(e: LiveEntry, view: LiveView, saved: Any) -> bool:
+    """Whether ``load_state_dict`` cannot refuse the saved state for a reason other than tensor names,
+    dtypes and shapes (those are compared with the file's header).
+
+    A Module: the saved skeleton equals its own (same keys, non-tensor values and metadata versions). An
+    Optimizer: the same parameter indices in the same groups, which ``Optimizer.load_state_dict`` checks
+    only after every tensor was read.
+    """
+    if isinstance(e.item.obj, torch.nn.Module):
+        return bool(view.skeleton == saved)
+    saved_groups = _param_groups(saved)
+    return saved_groups is not None and saved_groups == _param_groups(view.skeleton)
+
+
+def _param_groups(skeleton: Any) -> list[Any] | None:
+    groups = skeleton.get("param_groups") if isinstance(skeleton, dict) else None
+    if not isinstance(groups, list):
+        return None
+    return [g.get("params") if isinstance(g, dict) else None for g in groups]
