@@ -13,8 +13,9 @@ from typing import Any
 
 from ._cli_io import CliError, Root
 from ._env import collect_environment
-from ._manifest import FORMAT_VERSION, MANIFEST, Manifest, entry_files, step_dir
+from ._manifest import FORMAT_VERSION, MANIFEST, FileRecord, Manifest, entry_files, step_dir
 from ._tensorfile import parse_head
+from ._verify import file_problem
 from .drift import DriftPolicy, compare
 from .errors import ResumeKitError, UnsupportedFormatError
 
@@ -184,6 +185,32 @@ def _problem(root: Root, step: int, rel: str, kind: str, message: str) -> dict[s
     return {"file": rel, "url": root.where(step, rel), "kind": kind, "message": message}
 
 
+def _check(root: Root, s: int, rel: str, rec: FileRecord) -> tuple[tuple[str, str] | None, int]:
+    """(kind, message) of what is wrong with one file (None: nothing) and the bytes read: present,
+    its size (before reading it), its crc32c, then a JSON file's syntax or a tensor file's header."""
+    where = root.where(s, rel)
+    try:
+        problem = file_problem(where, rec, root.actual_size(s, rel))
+        if problem is not None:
+            return (problem.kind, problem.message), 0
+        check = root.check_file(s, rel, keep_content=rel.endswith(".json"))
+    except (ResumeKitError, OSError) as exc:
+        return ("read", f"{where}: {exc}"), 0
+    problem = file_problem(where, rec, check.size, check.crc32c)
+    if problem is not None:
+        return (problem.kind, problem.message), check.size
+    try:
+        if check.content is not None:
+            json.loads(check.content)
+        else:
+            parse_head(check.head, check.size, where)
+    except ValueError as exc:
+        if check.content is not None:
+            return ("json", f"{where} is not valid JSON ({exc})"), check.size
+        return ("header", f"unparsable safetensors header: {exc}"), check.size
+    return None, check.size
+
+
 def _verify_step(root: Root, s: int) -> dict[str, Any]:
     result: dict[str, Any] = {"step": s, "ok": True, "files": 0, "bytes": 0, "problems": []}
     problems: list[dict[str, Any]] = result["problems"]
@@ -195,49 +222,10 @@ def _verify_step(root: Root, s: int) -> dict[str, Any]:
         return result
     for rel, rec in sorted(m.files.items()):
         result["files"] += 1
-        where = root.where(s, rel)
-        try:
-            actual = root.actual_size(s, rel)
-            if actual is None:
-                problems.append(
-                    _problem(root, s, rel, "missing", f"{where} is missing; the manifest lists it")
-                )
-                continue
-            if actual != rec.size:
-                problems.append(
-                    _problem(root, s, rel, "size", f"{where} is {actual} bytes, the manifest says {rec.size}")
-                )
-                continue
-            is_json = rel.endswith(".json")
-            check = root.check_file(s, rel, rec.size, keep_content=is_json)
-        except (ResumeKitError, OSError) as exc:
-            problems.append(_problem(root, s, rel, "read", f"{where}: {exc}"))
-            continue
-        result["bytes"] += check.size
-        if check.size != rec.size:
-            problems.append(
-                _problem(root, s, rel, "size", f"{where} is {check.size} bytes, the manifest says {rec.size}")
-            )
-        elif check.crc32c != rec.crc32c:
-            problems.append(
-                _problem(
-                    root,
-                    s,
-                    rel,
-                    "crc32c",
-                    f"{where}: crc32c {check.crc32c} does not match the manifest's {rec.crc32c}",
-                )
-            )
-        elif is_json:
-            try:
-                json.loads(check.content or b"")
-            except ValueError as exc:
-                problems.append(_problem(root, s, rel, "json", f"{where} is not valid JSON ({exc})"))
-        else:
-            try:
-                parse_head(check.head, check.size, where)
-            except (ResumeKitError, OSError) as exc:
-                problems.append(_problem(root, s, rel, "header", f"unparsable safetensors header: {exc}"))
+        problem, nbytes = _check(root, s, rel, rec)
+        result["bytes"] += nbytes
+        if problem is not None:
+            problems.append(_problem(root, s, rel, *problem))
     result["ok"] = not problems
     return result
 

@@ -97,8 +97,7 @@ class _Side:
         self.m = root.manifest(self.step)
 
     def read(self, rel: str) -> Any:
-        rec = self.m.files[rel]
-        return self.root.read_verified(self.step, rel, rec.size, rec.crc32c)
+        return self.root.read_verified(self.step, rel, self.m.files[rel])
 
     def tensors(self, rel: str | None) -> dict[str, torch.Tensor]:
         if rel is None:

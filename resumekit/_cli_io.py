@@ -7,19 +7,22 @@ never followed. Nothing is unpickled: tensors come from safetensors, the rest fr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, Protocol, cast
 
 import crc32c
 
-from ._manifest import MANIFEST, Manifest, parse_step_dir, step_dir
-from ._storage import FsspecStorage, LocalStorage, Storage, open_storage
+from ._manifest import MANIFEST, FileRecord, Manifest, step_dir
+from ._messages import missing_file, not_committed, step_mismatch, verify_hint
+from ._storage import Storage, open_storage
 from ._tensorfile import MAX_HEADER_BYTES, TensorSpec, header_length, parse_head
+from ._verify import verify_file
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError
 
 __all__ = [
@@ -86,12 +89,28 @@ def jsonable(v: Any) -> Any:
     return repr(v)
 
 
+class _Browsable(Storage, Protocol):
+    """The storage interface plus what read-only tools need of it."""
+
+    def open_read(self, step: int, relpath: str) -> IO[bytes]:
+        """A step's file opened for streaming and ranged reads; FileNotFoundError when missing."""
+        ...
+
+    def root_kind(self) -> str:
+        """``"folder"``, ``"file"`` or ``"missing"``."""
+        ...
+
+    def unfinished(self) -> list[tuple[int, str]]:
+        """Temporary folders of saves that never committed: (step, folder name)."""
+        ...
+
+
 @dataclass
 class FileCheck:
     """What reading one file found: its size, crc32c and its first bytes (for a header)."""
 
     size: int
-    crc32c: str
+    crc32c: int
     head: bytes
     content: bytes | None  # the whole file, kept only for JSON files
 
@@ -106,7 +125,8 @@ class Root:
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         try:
-            self.storage: Storage = open_storage(url, storage_options)
+            # Both storage classes offer the read-only methods of _Browsable.
+            self.storage = cast(_Browsable, open_storage(url, storage_options))
         except (ValueError, ImportError) as exc:
             raise CliError(f"cannot open '{url}': {exc}") from exc
         self.url = self.storage.url.rstrip("/") or self.storage.url
@@ -121,14 +141,13 @@ class Root:
         Raises:
             CliError: the root does not exist or holds no step folders (not a checkpoint root).
         """
-        st = self.storage
-        if isinstance(st, LocalStorage):
-            if not os.path.exists(st.root):
-                raise CliError(f"'{self.url}' does not exist; pass the folder given to Checkpointer(url)")
-            if not os.path.isdir(st.root):
-                raise CliError(f"'{self.url}' is a file, not a checkpoint folder")
+        kind = self.storage.root_kind()
+        if kind == "missing":
+            raise CliError(f"'{self.url}' does not exist; pass the folder given to Checkpointer(url)")
+        if kind == "file":
+            raise CliError(f"'{self.url}' is a file, not a checkpoint folder")
         try:
-            steps = st.step_candidates()
+            steps = self.storage.step_candidates()
         except Exception as exc:  # any backend failure (credentials, network, ...) on the first I/O
             raise CliError(f"cannot list '{self.url}': {type(exc).__name__}: {exc}") from exc
         if not steps and not self.unfinished():
@@ -139,23 +158,8 @@ class Root:
         return steps
 
     def unfinished(self) -> list[tuple[int, str]]:
-        """Local temporary folders of saves that never committed: (step, folder name)."""
-        st = self.storage
-        if not isinstance(st, LocalStorage):
-            return []  # object stores write under the step's own prefix: listed as step folders
-        try:
-            names = os.listdir(st.root)
-        except OSError:
-            return []
-        out = []
-        for name in names:
-            # ".tmp-step-000000001200-<writer id>": see _storage._LocalStage
-            parts = name.split("-")
-            if name.startswith(".tmp-") and len(parts) >= 4:
-                step = parse_step_dir(f"{parts[1]}-{parts[2]}")
-                if step is not None:
-                    out.append((step, name))
-        return sorted(out)
+        """Temporary folders of saves that never committed: (step, folder name)."""
+        return self.storage.unfinished()
 
     def committed(self) -> list[int]:
         """Steps whose folder has a manifest (not validated), ascending."""
@@ -175,9 +179,7 @@ class Root:
                     return s
             raise CliError(f"'{self.url}' has no committed checkpoint (no step folder has a manifest)")
         if step not in candidates or self.raw_manifest(step) is None:
-            raise CliError(
-                f"step {step} is not a committed checkpoint in '{self.url}'; committed steps: {self.committed()}"
-            )
+            raise CliError(not_committed(step, self.url, self.committed()))
         return step
 
     def where(self, step: int, relpath: str = "") -> str:
@@ -198,9 +200,7 @@ class Root:
             raise CheckpointNotFoundError(f"{where} does not exist: step {step} is not committed")
         m = Manifest.from_json(raw, where)
         if m.step != step:
-            raise CheckpointCorruptError(
-                f"{where}: manifest says step {m.step}; the folder was renamed or copied"
-            )
+            raise CheckpointCorruptError(step_mismatch(where, m.step))
         return m
 
     def raw_manifest(self, step: int) -> bytes | None:
@@ -212,110 +212,68 @@ class Root:
     # -- files ----------------------------------------------------------------------------------------
     # Paths below come from a validated manifest only: plain names inside the step folder.
 
-    def _local_path(self, step: int, relpath: str) -> str | None:
-        st = self.storage
-        if isinstance(st, LocalStorage):
-            return os.path.join(st.root, step_dir(step), relpath)
-        return None
+    @contextlib.contextmanager
+    def _open(self, step: int, relpath: str) -> Iterator[IO[bytes]]:
+        try:
+            with self.storage.open_read(step, relpath) as f:
+                yield f
+        except FileNotFoundError as exc:
+            raise CheckpointCorruptError(missing_file(self.where(step, relpath))) from exc
 
     def actual_size(self, step: int, relpath: str) -> int | None:
         """The file's size on storage, or None when it is missing."""
-        st = self.storage
         try:
-            local = self._local_path(step, relpath)
-            if local is not None:
-                return os.stat(local).st_size
-            if isinstance(st, FsspecStorage):
-                return int(st.fs.size(st._path(step, relpath)))
-        except FileNotFoundError:
-            return None
-        raise NotImplementedError  # pragma: no cover - every Storage is local or fsspec
+            with self._open(step, relpath) as f:
+                return f.seek(0, os.SEEK_END)
+        except CheckpointCorruptError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None
+            raise
 
-    def read_range(self, step: int, relpath: str, start: int, end: int, size: int) -> bytes:
-        """Bytes ``[start, end)`` of a file that the manifest says is ``size`` bytes long."""
-        st = self.storage
-        local = self._local_path(step, relpath)
-        try:
-            if local is not None:
-                with open(local, "rb") as f:
-                    f.seek(start)
-                    return f.read(end - start)
-            if isinstance(st, FsspecStorage):
-                data: bytes = st.fs.cat_file(st._path(step, relpath), start=start, end=end)
-                return data
-        except FileNotFoundError as exc:
-            raise CheckpointCorruptError(
-                f"'{self.where(step, relpath)}' is missing; the manifest lists it."
-            ) from exc
-        return bytes(st.read_file(step, relpath, size)[start:end])
+    def read_range(self, step: int, relpath: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file."""
+        with self._open(step, relpath) as f:
+            f.seek(start)
+            return f.read(end - start)
 
     def tensor_specs(self, step: int, relpath: str, size: int) -> dict[str, TensorSpec]:
         """The tensors a safetensors file declares, from its header bytes only."""
         where = self.where(step, relpath)
-        n = header_length(self.read_range(step, relpath, 0, 8, size), size, where)
-        head = self.read_range(step, relpath, 0, 8 + n, size)
-        return parse_head(head, size, where)
+        n = header_length(self.read_range(step, relpath, 0, 8), size, where)
+        return parse_head(self.read_range(step, relpath, 0, 8 + n), size, where)
 
-    def _chunks(self, step: int, relpath: str, size: int) -> Iterator[bytes]:
-        st = self.storage
-        local = self._local_path(step, relpath)
-        if local is not None:
-            with open(local, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    yield chunk
-            return
-        if isinstance(st, FsspecStorage):
-            with st.fs.open(st._path(step, relpath), "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    yield chunk
-            return
-        yield bytes(st.read_file(step, relpath, size))  # pragma: no cover
-
-    def check_file(self, step: int, relpath: str, size: int, keep_content: bool) -> FileCheck:
+    def check_file(self, step: int, relpath: str, keep_content: bool) -> FileCheck:
         """Stream a file once: its size, crc32c, the bytes a safetensors header needs, and (for
         ``keep_content``) the whole content. Memory stays at one chunk for tensor files."""
-        crc = 0
-        total = 0
+        crc = total = 0
         head = bytearray()
         want = 8
         parts: list[bytes] = []
-        for chunk in self._chunks(step, relpath, size):
-            crc = crc32c.crc32c(chunk, crc)
-            total += len(chunk)
-            pos = 0
-            while len(head) < want and pos < len(chunk):
-                take = chunk[pos : pos + want - len(head)]
-                head += take
-                pos += len(take)
-                if want == 8 and len(head) == 8:
-                    (n,) = struct.unpack("<Q", bytes(head))
-                    want = 8 + min(int(n), MAX_HEADER_BYTES)
-            if keep_content:
-                parts.append(chunk)
-        return FileCheck(
-            total, f"{crc & 0xFFFFFFFF:08x}", bytes(head), b"".join(parts) if keep_content else None
-        )
+        with self._open(step, relpath) as f:
+            while chunk := f.read(_CHUNK):
+                crc = crc32c.crc32c(chunk, crc)
+                total += len(chunk)
+                pos = 0
+                while len(head) < want and pos < len(chunk):
+                    take = chunk[pos : pos + want - len(head)]
+                    head += take
+                    pos += len(take)
+                    if want == 8 and len(head) == 8:
+                        (n,) = struct.unpack("<Q", bytes(head))
+                        want = 8 + min(int(n), MAX_HEADER_BYTES)
+                if keep_content:
+                    parts.append(chunk)
+        return FileCheck(total, crc, bytes(head), b"".join(parts) if keep_content else None)
 
-    def read_verified(self, step: int, relpath: str, size: int, crc: str) -> Any:
+    def read_verified(self, step: int, relpath: str, rec: FileRecord) -> Any:
         """A whole file, checked against the manifest's size and crc32c.
 
         Raises:
             CheckpointCorruptError: missing, wrong size or wrong checksum.
         """
+        where = self.where(step, relpath)
         # Sizes come from the manifest: check the real size before allocating a buffer of that size.
-        real = self.actual_size(step, relpath)
-        if real is None:
-            raise CheckpointCorruptError(f"'{self.where(step, relpath)}' is missing; the manifest lists it.")
-        if real != size:
-            raise CheckpointCorruptError(
-                f"'{self.where(step, relpath)}' is {real} bytes, the manifest says {size}; "
-                f"run `resumekit verify {self.url}` to list every damaged file."
-            )
-        buf = self.storage.read_file(step, relpath, size)
-        actual = f"{crc32c.crc32c(buf) & 0xFFFFFFFF:08x}"
-        if actual != crc:
-            raise CheckpointCorruptError(
-                f"{self.where(step, relpath)}: crc32c {actual} does not match the manifest's {crc}; "
-                f"run `resumekit verify {self.url}` to list every damaged file."
-            )
+        verify_file(where, rec, self.actual_size(step, relpath), fix=verify_hint(self.url))
+        buf = self.storage.read_file(step, relpath, rec.size)
+        verify_file(where, rec, len(buf), crc32c.crc32c(buf), fix=verify_hint(self.url))
         return buf

@@ -344,6 +344,25 @@ class LocalStorage:
                 removed.append(path)
         return removed
 
+    # -- for read-only tools (the command line) ---------------------------------------------------------
+
+    def open_read(self, step: int, relpath: str) -> IO[bytes]:
+        """A step's file opened for streaming and ranged reads (links refused, as for restore)."""
+        return os.fdopen(self._open_inside(step, relpath), "rb")
+
+    def root_kind(self) -> str:
+        """``"folder"``, ``"file"`` or ``"missing"``: what the root is."""
+        return "folder" if os.path.isdir(self.root) else "file" if os.path.exists(self.root) else "missing"
+
+    def unfinished(self) -> list[tuple[int, str]]:
+        """Temporary folders of saves that never committed, as (step, folder name), ascending."""
+        with contextlib.suppress(OSError):
+            names = [n for n in os.listdir(self.root) if n.startswith(_TMP_PREFIX)]
+            # "<prefix>step-000000001200-<writer id>", as _LocalStage names it
+            found = [(parse_step_dir(n[len(_TMP_PREFIX) :].rsplit("-", 1)[0]), n) for n in names]
+            return sorted((s, n) for s, n in found if s is not None)
+        return []
+
 
 #: Objects one save uploads at once, and the S3 part uploads in flight shared among them (memory stays
 #: below about (this + objects) x 64 MiB part buffers, whatever the checkpoint's size).
@@ -500,6 +519,21 @@ class FsspecStorage:
             removed.append(path)
         removed.extend(abort_stale_uploads(self.fs, self.root, grace_seconds))
         return removed
+
+    # -- for read-only tools (the command line) ---------------------------------------------------------
+
+    def open_read(self, step: int, relpath: str) -> IO[bytes]:
+        """A step's object opened for streaming and ranged reads."""
+        f: IO[bytes] = self.fs.open(self._path(step, relpath), "rb")
+        return f
+
+    def root_kind(self) -> str:
+        """Always ``"folder"``: a prefix exists once an object is written under it."""
+        return "folder"
+
+    def unfinished(self) -> list[tuple[int, str]]:
+        """Empty: unfinished object-store saves lie under their step's prefix (listed as steps)."""
+        return []
 
 
 def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Storage:
