@@ -116,7 +116,8 @@ class _HookedStage:
 class HookedStorage:
     """A storage wrapper that calls ``before_commit(stage, manifest)`` once the data files are durable.
 
-    Installed as ``ckpt._storage``; everything else is delegated unchanged. This is the "storage
+    Passed as ``Checkpointer(url, storage=HookedStorage(open_storage(url), hook))``; everything else
+    is delegated unchanged. This is the "storage
     wrapper" fault-injection point of the design: it observes the instant between data and manifest.
     """
 

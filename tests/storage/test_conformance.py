@@ -19,6 +19,7 @@ import fsspec
 import pytest
 
 import resumekit as rk
+from resumekit._storage import open_storage
 
 try:
     from ._backends import Backend, HookedStorage, assert_restored, make_state, snapshot, step_dir
@@ -109,8 +110,10 @@ def test_nothing_is_visible_before_the_manifest(backend: Backend) -> None:
         seen["restored"] = result.step if result is not None else None
         seen["step2_manifest"] = backend.exists(backend.path(2, MANIFEST))
 
-    ckpt._storage = HookedStorage(ckpt._storage, before_commit)
-    ckpt.save(make_state(2), step=2)
+    hooked = rk.Checkpointer(
+        backend.url, storage=HookedStorage(open_storage(backend.url, backend.options), before_commit)
+    )
+    hooked.save(make_state(2), step=2)
     assert seen == {
         "data_written": True,
         "steps": [1],
@@ -154,9 +157,9 @@ def test_retention_keeps_last_and_milestones_and_deletes_manifest_first(
     def manifest_exists(folder: str) -> bool:
         return backend.exists(f"{folder.rstrip('/')}/{MANIFEST}")
 
-    ckpt = _ckpt(backend, keep_last=2, keep_every=3)
+    storage = open_storage(backend.url, backend.options)
     if backend.object_store:
-        real_fs = ckpt._storage.fs  # type: ignore[attr-defined]
+        real_fs = storage.fs  # type: ignore[attr-defined]
 
         class RecordingFS:
             def __getattr__(self, name: str) -> Any:
@@ -167,7 +170,7 @@ def test_retention_keeps_last_and_milestones_and_deletes_manifest_first(
                     data_deletions.append((str(path), manifest_exists(str(path))))
                 return real_fs.rm(path, recursive=recursive, **kw)
 
-        ckpt._storage.fs = RecordingFS()  # type: ignore[attr-defined]
+        storage.fs = RecordingFS()  # type: ignore[attr-defined]
     else:
         real_rmtree = shutil.rmtree
 
@@ -176,6 +179,7 @@ def test_retention_keeps_last_and_milestones_and_deletes_manifest_first(
             real_rmtree(path, *args, **kwargs)
 
         monkeypatch.setattr(shutil, "rmtree", rmtree)
+    ckpt = rk.Checkpointer(backend.url, keep_last=2, keep_every=3, storage=storage)
 
     last = None
     for step in range(1, 7):

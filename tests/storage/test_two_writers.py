@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import resumekit as rk
+from resumekit._storage import open_storage
 from resumekit.errors import CommitConflictError, StepExistsError
 
 try:
@@ -40,7 +41,6 @@ def _state(writer: int, step: int) -> dict[str, Any]:
 def test_two_writers_one_wins_each_step_and_nothing_mixes(s3_server: S3Endpoint, s3_root: str) -> None:
     url, fs = f"s3://{s3_root}", s3_server.filesystem()
     barrier = threading.Barrier(2, timeout=60)
-    writers = [rk.Checkpointer(url, storage_options=s3_server.storage_options) for _ in range(2)]
     first: list[int | None] = [0]
 
     def hold(index: int) -> Any:
@@ -53,8 +53,10 @@ def test_two_writers_one_wins_each_step_and_nothing_mixes(s3_server: S3Endpoint,
 
         return before_commit
 
-    for i, w in enumerate(writers):
-        w._storage = HookedStorage(w._storage, hold(i))
+    writers = [
+        rk.Checkpointer(url, storage=HookedStorage(open_storage(url, s3_server.storage_options), hold(i)))
+        for i in range(2)
+    ]
 
     for step in (1, 2, 3):
         first[0] = step % 2 if step < 3 else None

@@ -7,11 +7,13 @@ import errno
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import resumekit as rk
+from resumekit._storage import open_storage
 from resumekit.errors import StepExistsError
 
 
@@ -42,24 +44,27 @@ def test_checkpoint_holds_values_at_the_call(tmp_path: Path) -> None:
 class _FullDisk:
     """Storage wrapper whose data writes fail with ENOSPC (the background thread hits it)."""
 
-    def __init__(self, inner: object) -> None:
+    def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self.full = False
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
     def stage(self, step: int, writer_id: str) -> object:
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._inner.stage(step, writer_id)
 
 
 def test_background_error_surfaces_at_next_call_and_is_not_lost(tmp_path: Path) -> None:
     model = _model()
-    ckpt = rk.Checkpointer(tmp_path)
+    disk = _FullDisk(open_storage(tmp_path))
+    ckpt = rk.Checkpointer(tmp_path, storage=disk)
     ckpt.save({"model": model}, step=3)
-    real = ckpt._storage
-    ckpt._storage = _FullDisk(real)  # type: ignore[assignment]
+    disk.full = True
     ckpt.save_async({"model": model}, step=4)  # returns: the failure happens in the background
-    ckpt._storage = real
+    disk.full = False
     with pytest.raises(OSError) as err:
         ckpt.save_async({"model": model}, step=5)  # the next call raises the earlier failure...
     assert err.value.errno == errno.ENOSPC
@@ -68,7 +73,7 @@ def test_background_error_surfaces_at_next_call_and_is_not_lost(tmp_path: Path) 
     ckpt.save_async({"model": model}, step=6)  # waits for 5 first: at most one save in flight
     assert ckpt.wait() is not None
     assert ckpt.steps() == [3, 5, 6]
-    ckpt._storage = _FullDisk(real)  # type: ignore[assignment]
+    disk.full = True
     ckpt.save_async({"model": model}, step=7)
     with pytest.raises(OSError):
         ckpt.close()  # close() raises it too

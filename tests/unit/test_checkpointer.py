@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._storage import Stage, Storage
+from resumekit._storage import Stage, Storage, open_storage
 from resumekit.errors import (
     CheckpointNotFoundError,
     StateMismatchError,
@@ -178,9 +178,8 @@ class RecordingStorage:
 
 
 def test_retention_runs_only_after_the_new_checkpoint_is_committed(tmp_path: Path) -> None:
-    ckpt = rk.Checkpointer(tmp_path, keep_last=1)
     log: list[tuple[str, int]] = []
-    ckpt._storage = RecordingStorage(ckpt._storage, log)
+    ckpt = rk.Checkpointer(tmp_path, keep_last=1, storage=RecordingStorage(open_storage(tmp_path), log))
     ckpt.save(_state(1), step=1)
     ckpt.save(_state(2), step=2)
     ckpt.save(_state(3), step=3)
