@@ -306,8 +306,9 @@ class Checkpointer:
 
         Every file is read once and checked against the manifest's size and crc32c. A checkpoint that
         fails is named in a warning and the previous one is tried. RNG entries are restored after every
-        other entry. Every check that can refuse a checkpoint (manifest, drift, names, shapes, dtypes,
-        ``resumekit_validate`` hooks) runs before any object is touched.
+        other entry. A restore applies completely or not at all: it is planned first, and every check
+        that can refuse it (manifest, drift, names, shapes, optimizer groups, what ``only=`` implies,
+        ``resumekit_validate`` hooks) runs on every rank before any object is touched.
 
         On local disk, a Module's or Optimizer's tensor file that matches its live tensors exactly is
         read straight into them, with the checksum computed in the same pass: no second copy of the
@@ -326,7 +327,8 @@ class Checkpointer:
                 gradient scaler and LR scheduler are restored together or reset together: left out,
                 optimizers lose their moments, scalers return to their initial scale, and schedulers
                 (pass freshly created ones) are stepped to the checkpoint's position so the learning
-                rate equals an uninterrupted run's there.
+                rate equals an uninterrupted run's there. A ``ReduceLROnPlateau`` cannot be moved (its
+                rate depends on past metrics): it is left as passed, with a warning.
             allow_shape_mismatch: load every module tensor whose shape fits and keep the model's own
                 values for the rest (listed in ``RestoreResult.skipped_tensors``), e.g. after a
                 vocabulary grew. By default a mismatch raises before anything is loaded.
@@ -345,9 +347,12 @@ class Checkpointer:
                 place may then hold part of the checkpoint (never with ``verify_first=True``).
             UnsupportedFormatError: the checkpoint needs a newer resumekit.
             DriftError: the drift policy rates a change as an error (nothing was loaded).
-            StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``), or a
-                module tensor's shape differs (names the parameter and both shapes).
-            ValueError: ``only=`` splits the optimizer/scaler/scheduler group.
+            StateMismatchError: ``state`` has entries the checkpoint lacks (``strict=True``); a module
+                tensor's name or shape differs (names the parameter and both shapes); ``only=`` names
+                unknown entries or splits the optimizer/scaler/scheduler group; a scheduler to reset
+                has stepped past the checkpoint (nothing was loaded in each case). Also when an
+                object's own ``load_state_dict`` raises: the message names the entry and the entries
+                already applied, and chains the original exception.
         """
         self.wait()
         world = current_world(self._group)
