@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ._keys import load_canonical
+from ._live import LiveEntry
 from ._partial import apply_resets
-from ._plan import LiveEntry, LoadPlan
+from ._plan import LoadPlan
 from ._shapes import load_matching
 from .errors import StateMismatchError
 

@@ -19,10 +19,10 @@ from typing import IO, Any, Protocol, cast
 import crc32c
 
 from ._manifest import MANIFEST, FileRecord, Manifest, step_dir
-from ._messages import missing_file, not_committed, step_mismatch, verify_hint
+from ._messages import missing_file, not_committed, verify_hint
 from ._storage import Storage, open_storage
 from ._tensorfile import MAX_HEADER_BYTES, TensorSpec, header_length, parse_head
-from ._verify import verify_file
+from ._verify import step_manifest, verify_file
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError
 
 __all__ = [
@@ -198,10 +198,7 @@ class Root:
         where = self.where(step, MANIFEST)
         if raw is None:
             raise CheckpointNotFoundError(f"{where} does not exist: step {step} is not committed")
-        m = Manifest.from_json(raw, where)
-        if m.step != step:
-            raise CheckpointCorruptError(step_mismatch(where, m.step))
-        return m
+        return step_manifest(raw, step, where)
 
     def raw_manifest(self, step: int) -> bytes | None:
         """The manifest's bytes, unvalidated (None when absent); each is read once per command."""

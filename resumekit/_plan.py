@@ -19,26 +19,16 @@ files) is one more kind of :class:`EntryRead` that :func:`plan_step` emits and t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ._codec import TensorTable, decode, encode
-from ._entries import Item
-from ._keys import ModuleKeys
+from ._codec import decode
+from ._live import LiveEntry, same_structure
 from ._manifest import SCOPE_RANK, FileRecord, Manifest, entry_files
-from ._partial import (
-    Reset,
-    check_only,
-    is_scheduler,
-    module_state,
-    optimisation_group,
-    plan_resets,
-    scheduler_position,
-)
+from ._partial import Reset, check_only, is_scheduler, optimisation_group, plan_resets, scheduler_position
 from ._shapes import DEFAULT_SHAPE_FIX, check_keys, check_param_groups, check_shapes
 from ._tensorfile import TensorSpec, matches_exactly
 from .drift import DriftReport
@@ -48,11 +38,9 @@ __all__ = [
     "EntryRead",
     "Facts",
     "FileRef",
-    "LiveEntry",
     "LoadPlan",
     "RestoreOptions",
     "StepPlan",
-    "live_entries",
     "plan_load",
     "plan_step",
 ]
@@ -94,65 +82,6 @@ class RestoreOptions:
         chosen = check_only(state, only) if only is not None else frozenset(state)
         reset = tuple(n for n in optimisation_group(state) if n not in chosen)
         return cls(chosen, reset, strict, allow_shape_mismatch, in_place and not allow_shape_mismatch)
-
-
-@dataclass(frozen=True)
-class LiveView:
-    """A live Module's or Optimizer's state as a save encodes it: the JSON skeleton and its tensors."""
-
-    skeleton: Any
-    tensors: Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LiveEntry:
-    """One entry of the user's state, with what every check and load of one restore shares.
-
-    Attributes:
-        item: name, object, scope, kind, restore order.
-        keys: a module's keys and canonical names (None for anything else).
-        view: a Module's or Optimizer's state as saved (None: never read in place).
-        validate: the object's ``resumekit_validate`` hook, called once per restore (by the plan).
-    """
-
-    item: Item
-    keys: ModuleKeys | None = None
-    view: LiveView | None = None
-    validate: Any = None
-
-    @property
-    def name(self) -> str:
-        """The entry's name in the state and the checkpoint."""
-        return self.item.name
-
-    @property
-    def may_read_in_place(self) -> bool:
-        """Whether its tensor file may be read into its live tensors: a Module or Optimizer (whose
-        ``load_state_dict`` sets every value it is given anyway) without a validate hook."""
-        return self.view is not None and self.validate is None
-
-
-def live_entries(items: Sequence[Item]) -> tuple[LiveEntry, ...]:
-    """Each item's keys and saved-form view, computed once for the whole restore."""
-    out = []
-    for it in items:
-        validate = getattr(it.obj, "resumekit_validate", None)
-        keys = ModuleKeys.of(it.obj) if isinstance(it.obj, torch.nn.Module) else None
-        view = (
-            _live_view(it.obj, keys) if isinstance(it.obj, (torch.nn.Module, torch.optim.Optimizer)) else None
-        )
-        out.append(LiveEntry(it, keys, view, validate if callable(validate) else None))
-    return tuple(out)
-
-
-def _live_view(obj: Any, keys: ModuleKeys | None) -> LiveView | None:
-    try:
-        table = TensorTable()
-        skeleton = encode(module_state(obj, keys) if keys is not None else obj.state_dict(), table)
-        # As the JSON file holds it (tuples become lists), so the two compare equal when they match.
-        return LiveView(json.loads(json.dumps(skeleton)), table.tensors)
-    except Exception:  # a state the codec refuses is save's error to report; here: no shortcut
-        return None
 
 
 @dataclass(frozen=True)
@@ -372,31 +301,10 @@ def _in_place(step: StepPlan, facts: Facts, by_name: Mapping[str, LiveEntry]) ->
     exact: set[str] = set()
     for r in lazy:
         view = by_name[r.name].view
-        if view is None or not _same_structure(by_name[r.name], view, facts.skeletons[r.name]):
+        if view is None or not same_structure(by_name[r.name], view, facts.skeletons[r.name]):
             return frozenset()
         if matches_exactly(view.tensors, facts.specs.get(r.name, {})):
             exact.add(r.name)
         elif isinstance(by_name[r.name].item.obj, torch.nn.Module):
             return frozenset()
     return frozenset(exact)
-
-
-def _same_structure(e: LiveEntry, view: LiveView, saved: Any) -> bool:
-    """Whether ``load_state_dict`` cannot refuse the saved state for a reason other than tensor names,
-    dtypes and shapes (those are compared with the file's header).
-
-    A Module: the saved skeleton equals its own (same keys, non-tensor values and metadata versions). An
-    Optimizer: the same parameter indices in the same groups, which ``Optimizer.load_state_dict`` checks
-    only after every tensor was read.
-    """
-    if isinstance(e.item.obj, torch.nn.Module):
-        return bool(view.skeleton == saved)
-    saved_groups = _param_groups(saved)
-    return saved_groups is not None and saved_groups == _param_groups(view.skeleton)
-
-
-def _param_groups(skeleton: Any) -> list[Any] | None:
-    groups = skeleton.get("param_groups") if isinstance(skeleton, dict) else None
-    if not isinstance(groups, list):
-        return None
-    return [g.get("params") if isinstance(g, dict) else None for g in groups]

@@ -18,9 +18,10 @@ import crc32c
 import torch
 
 from ._codec import decode
+from ._live import LiveEntry
 from ._manifest import step_dir
 from ._messages import CORRUPTED_AFTER_WRITE
-from ._plan import EntryRead, Facts, FileRef, LiveEntry, LoadPlan, StepPlan
+from ._plan import EntryRead, Facts, FileRef, LoadPlan, StepPlan
 from ._storage import Buffer, Storage
 from ._tensorfile import RangeReader, parse_head, read_raw_header, read_tensors, tensors_from_buffer
 from ._verify import verify_file

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._dist import Outcomes, World
+from ._live import LiveEntry
 from ._manifest import Manifest, step_dir
-from ._messages import step_mismatch
-from ._plan import Facts, LiveEntry, LoadPlan, RestoreOptions, plan_load, plan_step
+from ._plan import Facts, LoadPlan, RestoreOptions, plan_load, plan_step
 from ._reader import StepReader
 from ._storage import Storage
+from ._verify import step_manifest
 from .drift import DriftReport
 from .errors import (
     CheckpointCorruptError,
@@ -145,10 +146,7 @@ def _manifest(storage: Storage, url: str, s: int) -> Manifest:
     raw = storage.read_manifest(s)
     if raw is None:
         raise _Absent(f"{where} does not exist")
-    m = Manifest.from_json(raw, where)
-    if m.step != s:
-        raise CheckpointCorruptError(step_mismatch(where, m.step))
-    return m
+    return step_manifest(raw, s, where)
 
 
 class _Absent(CheckpointNotFoundError):

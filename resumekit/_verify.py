@@ -1,17 +1,18 @@
-"""The one check of a checkpoint file against its manifest record: present, its size, its crc32c.
+"""The one check of a checkpoint file against its manifest record (present, its size, its crc32c),
+and of a manifest against the step folder it lies in.
 
-Restore and the command line both call it, so a file is judged the same way wherever it is read.
+Restore and the command line both call these, so a file is judged the same way wherever it is read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._manifest import FileRecord
-from ._messages import CORRUPTED_AFTER_WRITE, crc_mismatch, missing_file, wrong_size
+from ._manifest import FileRecord, Manifest
+from ._messages import CORRUPTED_AFTER_WRITE, crc_mismatch, missing_file, step_mismatch, wrong_size
 from .errors import CheckpointCorruptError
 
-__all__ = ["FileProblem", "crc_hex", "file_problem", "verify_file"]
+__all__ = ["FileProblem", "crc_hex", "file_problem", "step_manifest", "verify_file"]
 
 
 def crc_hex(crc: int) -> str:
@@ -51,3 +52,17 @@ def verify_file(
     problem = file_problem(where, rec, size, crc)
     if problem is not None:
         raise CheckpointCorruptError(f"{problem.message}; {fix}")
+
+
+def step_manifest(raw: bytes, step: int, where: str) -> Manifest:
+    """The manifest read from step ``step``'s folder, validated, and recording that same step.
+
+    Raises:
+        CheckpointCorruptError: it records another step (the folder was renamed or copied), or it
+            does not validate (as :meth:`Manifest.from_json`, which may also raise
+            UnsafeCheckpointError or UnsupportedFormatError).
+    """
+    m = Manifest.from_json(raw, where)
+    if m.step != step:
+        raise CheckpointCorruptError(step_mismatch(where, m.step))
+    return m

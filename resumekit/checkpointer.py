@@ -21,9 +21,10 @@ from ._async import BackgroundSave, StagingPool
 from ._dist import World, current_world
 from ._entries import Item, check_step, items_of
 from ._env import collect_environment, resumekit_version
+from ._live import live_entries
 from ._manifest import FORMAT_VERSION, SCOPE_RANK, Entry, FileRecord, Manifest, step_dir
 from ._messages import not_committed
-from ._plan import RestoreOptions, live_entries
+from ._plan import RestoreOptions
 from ._reader import positional_reads
 from ._restore import read_newest
 from ._save import Snapshot, take_snapshot, write

@@ -12,6 +12,7 @@ from torch import nn
 
 from resumekit._codec import TensorTable, encode
 from resumekit._entries import items_of
+from resumekit._live import live_entries
 from resumekit._manifest import SCOPE_RANK, SCOPE_REPLICATED, Entry, FileRecord, Manifest
 from resumekit._partial import Reset, module_state
 from resumekit._plan import (
@@ -19,7 +20,6 @@ from resumekit._plan import (
     POSITION,
     Facts,
     RestoreOptions,
-    live_entries,
     plan_load,
     plan_step,
 )
