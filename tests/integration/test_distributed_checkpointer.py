@@ -40,6 +40,24 @@ class _Boom:
         pass
 
 
+class _PickyOnRank1(dict):  # type: ignore[type-arg]
+    """A per-rank dict whose validate hook refuses the checkpoint on rank 1 only."""
+
+    resumekit_scope = "rank"
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.clear()
+        self.update(sd)
+
+    def resumekit_validate(self, sd: dict) -> dict:
+        if dist.get_rank() == 1:
+            raise rk.errors.StateMismatchError("rank 1's record does not fit this run")
+        return sd
+
+
 def _worker(rank: int, world: int, port: int, root: str, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,6 +83,18 @@ def _worker(rank: int, world: int, port: int, root: str, scenario: str) -> None:
             out["local_rank"] = mine.get("rank")
             out["local_values"] = mine["values"].tolist() if "values" in mine else None
             out["warnings"] = [str(w.message) for w in caught]
+        elif scenario == "refuse":
+            fresh = torch.nn.Linear(3, 2)
+            before = [t.clone() for t in fresh.state_dict().values()]
+            picky = _PickyOnRank1(untouched=True)
+            try:
+                ckpt.restore({"model": fresh, "local": picky})
+                out["raised"] = None
+            except Exception as exc:
+                out["raised"] = type(exc).__name__
+                out["message"] = str(exc)
+            out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, fresh.state_dict().values()))
+            out["picky"] = sorted(picky)
         elif scenario == "fail":
             try:
                 ckpt.save({"model": model, "boom": _Boom()}, step=9)
@@ -127,3 +157,13 @@ def test_failure_on_one_rank_commits_nothing_and_raises_everywhere(tmp_path: Pat
     assert "rank(s) 1" in results[0]["message"] and "earlier checkpoints are intact" in results[0]["message"]
     assert not list(tmp_path.glob("step-*"))
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.timeout(180)
+def test_a_refusal_on_one_rank_is_raised_on_every_rank_before_any_object_changes(tmp_path: Path) -> None:
+    _run(2, tmp_path, "save")
+    results = _run(2, tmp_path, "refuse")
+    assert results[1]["raised"] == "StateMismatchError" and "rank 1's record" in results[1]["message"]
+    assert results[0]["raised"] == "StateMismatchError" and "refused on rank(s) 1" in results[0]["message"]
+    for r in results:
+        assert r["unchanged"] and r["picky"] == ["untouched"]
