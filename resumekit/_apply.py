@@ -40,12 +40,12 @@ def apply_plan(
     state = {e.name: e.item.obj for e in entries}
     skipped: list[str] = []
     applied: list[str] = []
-    for name, action in _steps(plan, values, entries, allow_shape_mismatch, state):
+    for names, action in _steps(plan, values, entries, allow_shape_mismatch, state):
         try:
             skipped += action()
         except Exception as exc:
-            raise StateMismatchError(_failed(plan.step.step, name, applied, exc)) from exc
-        applied.append(name)
+            raise StateMismatchError(_failed(plan.step.step, names, applied, exc)) from exc
+        applied += names
     return tuple(skipped)
 
 
@@ -55,7 +55,9 @@ def _steps(
     entries: Sequence[LiveEntry],
     allow_shape_mismatch: bool,
     state: Mapping[str, Any],
-) -> list[tuple[str, Callable[[], list[str]]]]:
+) -> list[tuple[list[str], Callable[[], list[str]]]]:
+    """(the entries one step changes, the step), in the order of the module docstring."""
+
     def load(e: LiveEntry) -> Callable[[], list[str]]:
         return lambda: apply_entry(e, values[e.name], allow_shape_mismatch)
 
@@ -64,10 +66,10 @@ def _steps(
         return []
 
     loaded = [e for e in entries if e.name in values]
-    steps = [(e.name, load(e)) for e in loaded if not e.item.last]
+    steps = [([e.name], load(e)) for e in loaded if not e.item.last]
     if plan.resets:
-        steps.append((f"reset {[r.name for r in plan.resets]}", reset))
-    return steps + [(e.name, load(e)) for e in loaded if e.item.last]
+        steps.append(([r.name for r in plan.resets], reset))
+    return steps + [([e.name], load(e)) for e in loaded if e.item.last]
 
 
 def apply_entry(e: LiveEntry, value: Any, allow_shape_mismatch: bool) -> list[str]:
@@ -85,15 +87,16 @@ def apply_entry(e: LiveEntry, value: Any, allow_shape_mismatch: bool) -> list[st
     return []
 
 
-def _failed(step: int, name: str, applied: list[str], exc: BaseException) -> str:
+def _failed(step: int, names: list[str], applied: list[str], exc: BaseException) -> str:
+    what = repr(names[0]) if len(names) == 1 else f"the reset of {names}"
     done = (
         f"Already applied (they hold step {step}'s state): {applied}."
         if applied
         else "Nothing was applied before it."
     )
     return (
-        f"Restoring checkpoint step {step} failed at {name!r}: {type(exc).__name__}: {exc}. {done} "
-        f"{name!r} itself may be partly changed; the entries after it are unchanged. Likely cause: the "
+        f"Restoring checkpoint step {step} failed at {what}: {type(exc).__name__}: {exc}. {done} "
+        f"{what} itself may be partly changed; the entries after it are unchanged. Likely cause: the "
         "object differs from the one saved (its class or configuration changed). Build it as it was "
         "saved, or leave it out of the state passed to restore(), then restore again."
     )
