@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sized
+import weakref
+from collections.abc import Iterator, Sized
 from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from resumekit import _loaderwatch
 from resumekit._permutation import RandomAccessPermutation, strided_chunks
+from resumekit._sampler_record import validated as _validated
 from resumekit.errors import StateMismatchError
 
 __all__ = [
@@ -256,6 +259,22 @@ class ResumableSampler(Sampler[int]):
         self._tag_indices = False
         # Position len() reports from; fixed at set_epoch, load_state_dict and the start of an iteration.
         self._view = 0
+        # A bare DataLoader iterator driving the iteration: the position is read from its batch count.
+        self._binding: _loaderwatch.Binding | None = None
+        self._loader_iter: Any = (
+            None  # weakref to the DataLoader iterator found, when no binding could be made
+        )
+        self._live = False  # an iteration counted by yields (or by ResumableLoader) is in progress
+        self._token: object = None
+        # The current epoch came from load_state_dict: set_epoch(epoch) keeps it even when it is finished.
+        self._restored = False
+        # After a restore: give back the base seed the first DataLoader iterator draws (see _loaderwatch).
+        self._give_back = False
+        self._give_back_any_epoch = False
+        # What a bare DataLoader cannot make exact; recorded in the checkpoint and warned about.
+        self._unwrapped_workers = 0
+        self._counts_prefetch = False
+        self._warned = False
 
     # --------------------------------------------------------------------------------- geometry
 
@@ -272,7 +291,17 @@ class ResumableSampler(Sampler[int]):
     @property
     def consumed(self) -> int:
         """Global samples of the current epoch consumed so far (padding included)."""
+        self._sync()
         return self._consumed
+
+    def _sync(self) -> None:
+        """Bring the position up to what a bound DataLoader iterator has handed to the loop."""
+        b = self._binding
+        if b is None:
+            return
+        self._consumed = b.start_position + b.local_consumed() * self.num_replicas
+        if b.exhausted() or self._remaining_now() == 0:
+            self._finished = True
 
     def _partition_count(self) -> int:
         remaining = max(0, len(self.dataset) - self._start)
@@ -283,10 +312,14 @@ class ResumableSampler(Sampler[int]):
 
     def remaining(self) -> int:
         """Samples this rank has still to consume in the current epoch."""
+        self._sync()
+        return self._remaining_now()
+
+    def _remaining_now(self) -> int:
         return max(0, self._partition_count() - self._local_done(self._consumed))
 
     def _at_end(self) -> bool:
-        return self.remaining() == 0
+        return self._remaining_now() == 0
 
     # --------------------------------------------------------------------------------- epochs
 
@@ -299,12 +332,18 @@ class ResumableSampler(Sampler[int]):
         Args:
             epoch: The epoch number.
         """
+        self._sync()
         epoch = int(epoch)
-        if epoch != self.epoch or self._finished:
+        # A finished epoch restarts, except the one just restored: the resume loop calls set_epoch on it.
+        if epoch != self.epoch or (self._finished and not self._restored):
             self.epoch = epoch
             self._consumed = 0
             self._start = 0
+            self._binding = None
+            # The straight run created this epoch's iterator too, with its draw; a persistent one it reused.
+            self._give_back = self._give_back and self._give_back_any_epoch
         self._finished = False
+        self._restored = False
         self._view = self._consumed
 
     def _roll_over_if_finished(self) -> None:
@@ -318,7 +357,10 @@ class ResumableSampler(Sampler[int]):
     # --------------------------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[int]:
+        self._sync()
+        self._binding = None
         self._roll_over_if_finished()
+        self._restored = False
         self._view = self._consumed
         length, skip = len(self.dataset), self._local_done(self._consumed)
         chunks: Iterator[list[int]]
@@ -338,15 +380,70 @@ class ResumableSampler(Sampler[int]):
         return self._yield(chunks)
 
     def _yield(self, chunks: Iterator[list[int]]) -> Iterator[int]:
+        # Runs at the first index pulled: after a DataLoader iterator's __init__ drew its base seed.
         seed, epoch = self.seed, self.epoch
         tag, count = self._tag_indices, not self._external_count
-        for chunk in chunks:
-            for i in chunk:
-                if count:
-                    self._advance(1)
-                yield _TaggedIndex(i, seed, epoch) if tag else i
-        if count:
-            self._mark_finished()
+        token: object = None
+        if not count:
+            self._give_back = False  # ResumableLoader lends the iterator a private generator: nothing drawn
+        else:
+            count = self._bind_loader()
+            token = self._token = object()
+            self._live = True
+        try:
+            for chunk in chunks:
+                for i in chunk:
+                    if count:
+                        self._advance(1)
+                    yield _TaggedIndex(i, seed, epoch) if tag else i
+            if count:
+                self._mark_finished()
+        finally:
+            if not self._external_count and self._token is token:
+                self._live = False
+
+    def _bind_loader(self) -> bool:
+        """Bind to the bare DataLoader iterator pulling from this sampler, if any; True: count yields."""
+        binding, it = _loaderwatch.bind(self, self._remaining_now())
+        give_back, self._give_back = self._give_back, False
+        if it is None:
+            return True
+        if give_back and _loaderwatch.give_back_base_seed(it) == "moved":
+            warnings.warn(
+                "ResumableSampler: after the restore, the global torch random stream moved by more than the "
+                "DataLoader iterator's base-seed draw before the first batch (something drew random numbers "
+                "between Checkpointer.restore() and the loop), so the loop's random numbers from here on "
+                "differ from the uninterrupted run's. Fix: draw nothing random between the restore and the "
+                "loop, or wrap the loader: resumekit.ResumableLoader(DataLoader(...)).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        workers = int(getattr(it, "_num_workers", 0))
+        if workers > 0:
+            self._unwrapped_workers = workers
+        if binding is None:
+            self._loader_iter = weakref.ref(it)
+            self._counts_prefetch = self._counts_prefetch or workers > 0
+            return True
+        binding.start_position = self._consumed
+        self._binding = binding
+        return False
+
+    def _in_iteration(self) -> bool:
+        if self._binding is not None:
+            return self._binding.in_iteration()
+        return self._live
+
+    def _open_iterator(self) -> int:
+        """0: no DataLoader iterator open; 1: one is open; 2: a persistent-workers iterator exists."""
+        b = self._binding
+        if b is not None:
+            alive = b.iterator() is not None
+            return 2 if b.persistent and alive else int(b.iterator_open())
+        it = self._loader_iter() if self._loader_iter is not None else None
+        if it is None:
+            return 0
+        return 2 if getattr(it, "_persistent_workers", False) else int(self._live)
 
     def _advance(self, local_samples: int) -> None:
         """Record that the loop consumed ``local_samples`` samples on this rank (and as many on each other)."""
@@ -356,6 +453,7 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """This rank's count for the next or current iteration: after a mid-epoch resume, what remains."""
+        self._sync()
         if self._finished:
             return self.num_samples
         return max(0, self._partition_count() - self._local_done(self._view))
@@ -369,7 +467,14 @@ class ResumableSampler(Sampler[int]):
             ``{"format", "seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas",
             "shuffle", "drop_last", "order"}``; ``consumed`` and ``partition_start`` count global samples;
             ``order`` is the order kind (a record without it was written before kinds existed: ``"torch"``).
+            Four more describe the loop that produced the record: ``in_iteration`` (the loop was inside an
+            iteration of the epoch), ``open_iterator`` (0, 1: a DataLoader iterator was open, 2: a
+            persistent-workers one existed), ``unwrapped_workers`` (``num_workers`` of a DataLoader without
+            :class:`~resumekit.ResumableLoader`, 0 if none) and ``counts_prefetch`` (the position counts
+            indices workers prefetched). The last two draw a warning here, once, and at restore.
         """
+        self._sync()
+        self._warn_inexact_once()
         return {
             "format": _FORMAT,
             "seed": self.seed,
@@ -381,7 +486,22 @@ class ResumableSampler(Sampler[int]):
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "order": self.order,
+            "in_iteration": self._in_iteration(),
+            "open_iterator": self._open_iterator(),
+            "unwrapped_workers": self._unwrapped_workers,
+            "counts_prefetch": self._counts_prefetch,
         }
+
+    def _warn_inexact_once(self) -> None:
+        if self._warned or not (self._unwrapped_workers or self._counts_prefetch):
+            return
+        self._warned = True
+        warnings.warn(
+            "ResumableSampler: "
+            + _inexact_message(self._unwrapped_workers, self._counts_prefetch, saving=True),
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Check a saved record against this sampler without changing anything.
@@ -451,10 +571,28 @@ class ResumableSampler(Sampler[int]):
         self._consumed = s["consumed"]
         # Same world size: continue the saved partition. Otherwise the unseen rest is split afresh.
         self._start = s["partition_start"] if s["num_replicas"] == self.num_replicas else s["consumed"]
-        self._finished = False
+        self._binding, self._loader_iter, self._live = None, None, False
+        at_end = self._at_end()
+        # As the in-process sampler at the save: an iteration in progress continues (empty at the end);
+        # an ended one rolls over to the next epoch when iterated again without set_epoch.
+        self._finished = at_end and not s["in_iteration"]
+        self._restored = True
+        # The resumed run recreates the iterator of an open iteration, or re-iterates a finished epoch: a
+        # base-seed draw the straight run did not make. A persistent iterator was never recreated at all.
+        self._give_back = s["open_iterator"] > 0 or at_end
+        self._give_back_any_epoch = s["open_iterator"] == 2
+        self._unwrapped_workers, self._counts_prefetch, self._warned = 0, False, False
         self._view = self._consumed
+        if s["unwrapped_workers"] or s["counts_prefetch"]:
+            warnings.warn(
+                "ResumableSampler: "
+                + _inexact_message(s["unwrapped_workers"], s["counts_prefetch"], saving=False),
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
+        self._sync()
         return (
             f"ResumableSampler(len={len(self.dataset)}, num_replicas={self.num_replicas}, rank={self.rank}, "
             f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, order={self.order!r}, "
@@ -462,51 +600,31 @@ class ResumableSampler(Sampler[int]):
         )
 
 
-def _validated(state_dict: Any) -> dict[str, Any]:
-    """Check a saved sampler record's keys, types and invariants; return it with plain Python values."""
-    if not isinstance(state_dict, Mapping):
-        raise StateMismatchError(
-            f"ResumableSampler.load_state_dict: expected a dict, got {type(state_dict).__name__}"
+def _inexact_message(workers: int, counts_prefetch: bool, *, saving: bool) -> str:
+    """What a bare DataLoader leaves inexact, and the one-line fix."""
+    where = (
+        f"this sampler is iterated by a DataLoader with num_workers={workers} that is not wrapped in "
+        "resumekit.ResumableLoader"
+        if saving
+        else f"this checkpoint was written by a run whose DataLoader had num_workers={workers} and was not "
+        "wrapped in resumekit.ResumableLoader"
+    )
+    if counts_prefetch:
+        wrong = (
+            " and drew its indices through a batch sampler resumekit cannot read (a custom batch_sampler= or "
+            "in_order=False): the saved position counts the indices the workers prefetched, not the batches "
+            "the loop received, so a resume skips up to num_workers * prefetch_factor batches"
         )
-    ints = ("seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas")
-    bools = ("shuffle", "drop_last")
-    out: dict[str, Any] = {}
-    for key in (*ints, *bools):
-        if key not in state_dict:
-            raise StateMismatchError(
-                f"ResumableSampler record has no {key!r} (keys: {sorted(state_dict)}); it was not written by "
-                "ResumableSampler.state_dict()"
-            )
-        value = state_dict[key]
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if hasattr(value, "item") and not isinstance(value, (int, bool)):
-            value = value.item()  # numpy scalars after a round trip through storage
-        if key in bools:
-            if not isinstance(value, (bool, int)):
-                raise StateMismatchError(f"ResumableSampler record: {key!r} must be a bool, got {value!r}")
-            out[key] = bool(value)
-        else:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise StateMismatchError(f"ResumableSampler record: {key!r} must be an int, got {value!r}")
-            out[key] = int(value)
-    order = state_dict.get("order", "torch")  # records from before order kinds were all "torch"
-    if not isinstance(order, str) or order not in _ORDER_KINDS:
-        raise StateMismatchError(
-            f"ResumableSampler record: 'order' must be one of {_ORDER_KINDS}, got {order!r}; corrupt record "
-            "or written by a newer resumekit"
+    else:
+        wrong = (
+            ". The saved position is exact (it counts the batches the loop received), but random numbers "
+            "drawn in the worker processes (augmentation in __getitem__, collate_fn) differ after a resume: "
+            "workers seed themselves from a base seed every new iterator draws, and after a resume batches "
+            "land on other workers"
         )
-    out["order"] = str(order)
-    if out["num_replicas"] < 1 or out["dataset_length"] < 0:
-        raise StateMismatchError(
-            f"ResumableSampler record: num_replicas={out['num_replicas']} or dataset_length="
-            f"{out['dataset_length']} is out of range; corrupt record"
-        )
-    start, consumed, w = out["partition_start"], out["consumed"], out["num_replicas"]
-    count = per_rank_count(max(0, out["dataset_length"] - start), w, out["drop_last"])
-    if not 0 <= start <= consumed or (consumed - start) % w or consumed > start + count * w:
-        raise StateMismatchError(
-            f"ResumableSampler record: position {consumed} does not lie on a step of {w} samples inside the "
-            f"partition starting at {start} (length {out['dataset_length']}); corrupt record"
-        )
-    return out
+    tense = "will differ from" if saving else "differ from"
+    return (
+        f"{where}{wrong}. The resumed run's data or random numbers {tense} the uninterrupted run's. Fix "
+        "(one line): loader = resumekit.ResumableLoader(DataLoader(...)), keeping the sampler in the state "
+        "(seed_workers=False if __getitem__ draws no random numbers)."
+    )
