@@ -9,6 +9,13 @@ N - k steps ends in exactly the state of training N steps straight: every entry'
 ``make_state`` seeds every random source a straight run would (``random``, NumPy, torch), so that the
 straight run is itself reproducible; ``train`` must then be deterministic given the state: put a
 :class:`~resumekit.RNGState` in the state if training draws random numbers. That is what the check is for.
+
+A killed loop is checkpointed inside its data iteration, and the resumed run recreates the iterator. To check
+that, ``train`` should keep its data iterator open between calls within a process (for instance in a
+module-level dict keyed by the sampler) rather than build a new one on every call. On a failure the message
+lists likely causes: a data position that differs (skipped or repeated samples), random streams that
+diverged (a hidden consumer such as a DataLoader iterator's base-seed draw), and the warnings resumekit
+raised in the interrupted and resumed segments.
 """
 
 from __future__ import annotations
