@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import BatchSampler
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-__all__ = ["Binding", "bind", "give_back_base_seed", "note_restored_cpu_state"]
+__all__ = ["Binding", "bind", "give_back_base_seed", "inexact_message", "note_restored_cpu_state"]
 
 _STACK_DEPTH = 12  # the sampler's generator is pulled 2-5 frames below the iterator's method
 
@@ -174,3 +174,33 @@ def give_back_base_seed(iterator: Any) -> str:
         torch.set_rng_state(restored)
         return "given back"
     return "moved"
+
+
+def inexact_message(workers: int, counts_prefetch: bool, *, saving: bool) -> str:
+    """What a bare DataLoader leaves inexact, and the one-line fix."""
+    where = (
+        f"this sampler is iterated by a DataLoader with num_workers={workers} that is not wrapped in "
+        "resumekit.ResumableLoader"
+        if saving
+        else f"this checkpoint was written by a run whose DataLoader had num_workers={workers} and was not "
+        "wrapped in resumekit.ResumableLoader"
+    )
+    if counts_prefetch:
+        wrong = (
+            " and drew its indices through a batch sampler resumekit cannot read (a custom batch_sampler= or "
+            "in_order=False): the saved position counts the indices the workers prefetched, not the batches "
+            "the loop received, so a resume skips up to num_workers * prefetch_factor batches"
+        )
+    else:
+        wrong = (
+            ". The saved position is exact (it counts the batches the loop received), but random numbers "
+            "drawn in the worker processes (augmentation in __getitem__, collate_fn) differ after a resume: "
+            "workers seed themselves from a base seed every new iterator draws, and after a resume batches "
+            "land on other workers"
+        )
+    tense = "will differ from" if saving else "differ from"
+    return (
+        f"{where}{wrong}. The resumed run's data or random numbers {tense} the uninterrupted run's. Fix "
+        "(one line): loader = resumekit.ResumableLoader(DataLoader(...)), keeping the sampler in the state "
+        "(seed_workers=False if __getitem__ draws no random numbers)."
+    )

@@ -23,17 +23,23 @@ memory does not grow with the dataset. Partitioning, positions and the record ar
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Iterator, Sized
-from typing import Any, Literal, get_args
+from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from resumekit import _loaderwatch
+from resumekit._epoch_order import (
+    _ORDER_KINDS,
+    OrderKind,
+    _partition,
+    epoch_order,
+    partition_indices,
+    per_rank_count,
+)
 from resumekit._permutation import RandomAccessPermutation, strided_chunks
 from resumekit._sampler_record import validated as _validated
 from resumekit.errors import StateMismatchError
@@ -48,105 +54,7 @@ __all__ = [
 
 _FORMAT = 1
 
-OrderKind = Literal["torch", "random-access"]
-"""How an epoch's order is drawn; fixed for a run (see :class:`ResumableSampler`)."""
-_ORDER_KINDS: tuple[str, ...] = get_args(OrderKind)
 _CHUNK = 1 << 16
-
-
-# ------------------------------------------------------------------------------------- pure functions
-
-
-def epoch_order(
-    seed: int, epoch: int, length: int, shuffle: bool, order: OrderKind = "torch"
-) -> torch.Tensor:
-    """The order of one epoch: what the sampler shuffles before padding and splitting.
-
-    Args:
-        seed: The sampler's seed.
-        epoch: The epoch number.
-        length: The dataset length.
-        shuffle: ``False`` gives ``0..length-1`` (for either kind).
-        order: ``"torch"``: what ``DistributedSampler`` draws. ``"random-access"``: the sampler's
-            random-access order, materialised here whole (O(length) memory; the sampler never does this).
-
-    Returns:
-        A 1-D int64 tensor, a permutation of ``range(length)``.
-
-    Raises:
-        ValueError: ``order`` is not a known kind.
-    """
-    if order not in _ORDER_KINDS:
-        raise ValueError(f"epoch_order: order must be one of {_ORDER_KINDS}, got {order!r}")
-    if not shuffle:
-        return torch.arange(length, dtype=torch.int64)
-    if order == "random-access":
-        return torch.from_numpy(RandomAccessPermutation(length, seed, epoch).full())
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    return torch.randperm(length, generator=g)
-
-
-def per_rank_count(remaining: int, num_replicas: int, drop_last: bool) -> int:
-    """How many samples each rank takes when ``remaining`` samples are split among ``num_replicas`` ranks.
-
-    Args:
-        remaining: Samples not yet seen in the epoch.
-        num_replicas: Number of ranks.
-        drop_last: Drop the tail that does not divide evenly instead of padding.
-
-    Returns:
-        ``remaining // num_replicas`` with ``drop_last``, else ``ceil(remaining / num_replicas)``.
-    """
-    if drop_last:
-        return remaining // num_replicas
-    return math.ceil(remaining / num_replicas)
-
-
-def partition_indices(
-    order: torch.Tensor,
-    start: int,
-    num_replicas: int,
-    rank: int,
-    drop_last: bool,
-    skip: int = 0,
-) -> list[int]:
-    """The indices one rank yields, as a list (see :func:`_partition` for the arguments)."""
-    return _partition(order, start, num_replicas, rank, drop_last, skip).tolist()
-
-
-def _partition(
-    order: torch.Tensor,
-    start: int,
-    num_replicas: int,
-    rank: int,
-    drop_last: bool,
-    skip: int = 0,
-) -> torch.Tensor:
-    """The indices one rank yields for the partition of ``order`` that begins at ``start``.
-
-    Args:
-        order: The epoch order (see :func:`epoch_order`).
-        start: Global position where the partition begins; ``order[start:]`` is what it splits.
-        num_replicas: Number of ranks sharing the partition.
-        rank: This rank.
-        drop_last: Drop the uneven tail instead of padding by repeating from the partition's start.
-        skip: Samples this rank already consumed in the partition.
-
-    Returns:
-        This rank's remaining indices, in order.
-    """
-    remaining = order[start:] if start < len(order) else order[:0]
-    count = per_rank_count(len(remaining), num_replicas, drop_last)
-    total = count * num_replicas
-    pad = total - len(remaining)
-    if pad > 0:
-        # Padding repeats the partition's own head, as many times as needed (DistributedSampler's rule).
-        head = remaining[:pad] if pad <= len(remaining) else remaining.repeat(math.ceil(pad / len(remaining)))
-        remaining = torch.cat([remaining, head[:pad]])
-    segment = remaining[:total]
-    first = rank + skip * num_replicas
-    return segment[first:total:num_replicas]
 
 
 # ----------------------------------------------------------------------------------------- the sampler
@@ -498,7 +406,7 @@ class ResumableSampler(Sampler[int]):
         self._warned = True
         warnings.warn(
             "ResumableSampler: "
-            + _inexact_message(self._unwrapped_workers, self._counts_prefetch, saving=True),
+            + _loaderwatch.inexact_message(self._unwrapped_workers, self._counts_prefetch, saving=True),
             RuntimeWarning,
             stacklevel=3,
         )
@@ -586,7 +494,7 @@ class ResumableSampler(Sampler[int]):
         if s["unwrapped_workers"] or s["counts_prefetch"]:
             warnings.warn(
                 "ResumableSampler: "
-                + _inexact_message(s["unwrapped_workers"], s["counts_prefetch"], saving=False),
+                + _loaderwatch.inexact_message(s["unwrapped_workers"], s["counts_prefetch"], saving=False),
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -598,33 +506,3 @@ class ResumableSampler(Sampler[int]):
             f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, order={self.order!r}, "
             f"epoch={self.epoch}, consumed={self._consumed})"
         )
-
-
-def _inexact_message(workers: int, counts_prefetch: bool, *, saving: bool) -> str:
-    """What a bare DataLoader leaves inexact, and the one-line fix."""
-    where = (
-        f"this sampler is iterated by a DataLoader with num_workers={workers} that is not wrapped in "
-        "resumekit.ResumableLoader"
-        if saving
-        else f"this checkpoint was written by a run whose DataLoader had num_workers={workers} and was not "
-        "wrapped in resumekit.ResumableLoader"
-    )
-    if counts_prefetch:
-        wrong = (
-            " and drew its indices through a batch sampler resumekit cannot read (a custom batch_sampler= or "
-            "in_order=False): the saved position counts the indices the workers prefetched, not the batches "
-            "the loop received, so a resume skips up to num_workers * prefetch_factor batches"
-        )
-    else:
-        wrong = (
-            ". The saved position is exact (it counts the batches the loop received), but random numbers "
-            "drawn in the worker processes (augmentation in __getitem__, collate_fn) differ after a resume: "
-            "workers seed themselves from a base seed every new iterator draws, and after a resume batches "
-            "land on other workers"
-        )
-    tense = "will differ from" if saving else "differ from"
-    return (
-        f"{where}{wrong}. The resumed run's data or random numbers {tense} the uninterrupted run's. Fix "
-        "(one line): loader = resumekit.ResumableLoader(DataLoader(...)), keeping the sampler in the state "
-        "(seed_workers=False if __getitem__ draws no random numbers)."
-    )
