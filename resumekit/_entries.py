@@ -32,15 +32,14 @@ def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
     items = []
     for name, obj in state.items():
         validate_entry_name(name)
+        if _is_loader(obj):
+            raise TypeError(_not_state(name, obj))
         if isinstance(obj, TrainingState):
             kind = "state"
         elif isinstance(obj, MutableMapping):
             kind = "mapping"
         else:
-            raise TypeError(
-                f"state entry '{name}' is a {type(obj).__name__}, which has no state_dict()/load_state_dict(). "
-                "Pass an object with both methods, or a dict (restored in place)."
-            )
+            raise TypeError(_not_state(name, obj))
         scope = (
             SCOPE_RANK
             if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank"
@@ -52,6 +51,39 @@ def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
     # load_state_dict(), so side effects of those calls cannot shift a random stream.
     items.sort(key=lambda it: not it.last)
     return items
+
+
+def _is_loader(obj: Any) -> bool:
+    from torch.utils.data import DataLoader
+
+    from .loader import ResumableLoader
+
+    cls = type(obj)
+    # torchdata's StatefulDataLoader is matched by name: importing resumekit never imports torchdata.
+    stateful = cls.__name__ == "StatefulDataLoader" and cls.__module__.startswith("torchdata")
+    return stateful or isinstance(obj, (DataLoader, ResumableLoader))
+
+
+def _not_state(name: str, obj: Any) -> str:
+    """Why ``obj`` cannot be an entry; for a data loader, where its position lives and the fix."""
+    if _is_loader(obj):
+        # The loop's position is the sampler's; only a ResumableSampler makes it an exact record, and a
+        # loader's own record (StatefulDataLoader's) misses the base-seed draw its iterator makes on resume.
+        sampler = getattr(obj, "sampler", None)
+        return (
+            f"state entry '{name}' is a {type(obj).__name__} (sampler: {type(sampler).__name__}). resumekit "
+            "does not checkpoint loaders: a DataLoader has no state of its own, and a StatefulDataLoader's "
+            "record does not stop the resumed iterator from drawing its base seed from the global torch "
+            "generator, which shifts every random number the loop draws after the resume. Fix: build "
+            "sampler = resumekit.ResumableSampler(dataset, seed=...), pass it as "
+            "DataLoader(dataset, batch_size=..., sampler=sampler), wrap the loader as "
+            "resumekit.ResumableLoader(DataLoader(...)), and put state['sampler'] = sampler (plus "
+            "resumekit.RNGState()) in the state instead (see docs/exact-resume.md)."
+        )
+    return (
+        f"state entry '{name}' is a {type(obj).__name__}, which has no state_dict()/load_state_dict(). "
+        "Pass an object with both methods, or a dict (restored in place)."
+    )
 
 
 def check_step(step: Any) -> int:

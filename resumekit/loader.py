@@ -216,11 +216,17 @@ class ResumableLoader(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         sampler = self._sampler
         iterator = self._start()
-        for batch in iterator:
-            # The loop receives this batch now: only now does the position move past it.
-            sampler._advance(self._samples_in_next_batch())
-            yield batch
-        sampler._mark_finished()
+        token = sampler._token = object()
+        sampler._live = True
+        try:
+            for batch in iterator:
+                # The loop receives this batch now: only now does the position move past it.
+                sampler._advance(self._samples_in_next_batch())
+                yield batch
+            sampler._mark_finished()
+        finally:
+            if sampler._token is token:
+                sampler._live = False
 
     def _samples_in_next_batch(self) -> int:
         if self._batch_size is None:

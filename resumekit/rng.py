@@ -24,6 +24,7 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
+from resumekit._loaderwatch import note_restored_cpu_state
 from resumekit.errors import StateMismatchError
 
 __all__ = ["RNGState"]
@@ -174,7 +175,7 @@ class RNGState:
         np_state = _check_numpy_legacy("numpy", state_dict["numpy"])
         apply.append(lambda: np.random.set_state(np_state))
         cpu = _check_torch_bytes("torch_cpu", state_dict["torch_cpu"], torch.get_rng_state().numel())
-        apply.append(lambda: torch.set_rng_state(cpu))
+        apply.append(functools.partial(_set_cpu_state, cpu))
         apply.extend(self._plan_cuda(state_dict.get("cuda") or [], notes))
         apply.extend(self._plan_generators(state_dict["generators"], notes))
 
@@ -301,6 +302,12 @@ def _plan_restore(part: str, gen: Generator, saved: Any) -> Callable[[], None]:
         py = _check_python(part, state)
         return lambda: gen.setstate(py)
     raise StateMismatchError(f"RNGState part {part}: unsupported generator {type(gen).__name__}")
+
+
+def _set_cpu_state(state: torch.Tensor) -> None:
+    torch.set_rng_state(state)
+    # A bare DataLoader's sampler gives back the base seed its resumed iterator draws from this state.
+    note_restored_cpu_state(state)
 
 
 def _set_torch_state(gen: torch.Generator, state: torch.Tensor) -> None:

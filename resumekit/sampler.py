@@ -23,16 +23,25 @@ memory does not grow with the dataset. Partitioning, positions and the record ar
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sized
-from typing import Any, Literal, get_args
+import weakref
+from collections.abc import Iterator, Sized
+from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from resumekit import _loaderwatch
+from resumekit._epoch_order import (
+    _ORDER_KINDS,
+    OrderKind,
+    _partition,
+    epoch_order,
+    partition_indices,
+    per_rank_count,
+)
 from resumekit._permutation import RandomAccessPermutation, strided_chunks
+from resumekit._sampler_record import validated as _validated
 from resumekit.errors import StateMismatchError
 
 __all__ = [
@@ -45,105 +54,7 @@ __all__ = [
 
 _FORMAT = 1
 
-OrderKind = Literal["torch", "random-access"]
-"""How an epoch's order is drawn; fixed for a run (see :class:`ResumableSampler`)."""
-_ORDER_KINDS: tuple[str, ...] = get_args(OrderKind)
 _CHUNK = 1 << 16
-
-
-# ------------------------------------------------------------------------------------- pure functions
-
-
-def epoch_order(
-    seed: int, epoch: int, length: int, shuffle: bool, order: OrderKind = "torch"
-) -> torch.Tensor:
-    """The order of one epoch: what the sampler shuffles before padding and splitting.
-
-    Args:
-        seed: The sampler's seed.
-        epoch: The epoch number.
-        length: The dataset length.
-        shuffle: ``False`` gives ``0..length-1`` (for either kind).
-        order: ``"torch"``: what ``DistributedSampler`` draws. ``"random-access"``: the sampler's
-            random-access order, materialised here whole (O(length) memory; the sampler never does this).
-
-    Returns:
-        A 1-D int64 tensor, a permutation of ``range(length)``.
-
-    Raises:
-        ValueError: ``order`` is not a known kind.
-    """
-    if order not in _ORDER_KINDS:
-        raise ValueError(f"epoch_order: order must be one of {_ORDER_KINDS}, got {order!r}")
-    if not shuffle:
-        return torch.arange(length, dtype=torch.int64)
-    if order == "random-access":
-        return torch.from_numpy(RandomAccessPermutation(length, seed, epoch).full())
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    return torch.randperm(length, generator=g)
-
-
-def per_rank_count(remaining: int, num_replicas: int, drop_last: bool) -> int:
-    """How many samples each rank takes when ``remaining`` samples are split among ``num_replicas`` ranks.
-
-    Args:
-        remaining: Samples not yet seen in the epoch.
-        num_replicas: Number of ranks.
-        drop_last: Drop the tail that does not divide evenly instead of padding.
-
-    Returns:
-        ``remaining // num_replicas`` with ``drop_last``, else ``ceil(remaining / num_replicas)``.
-    """
-    if drop_last:
-        return remaining // num_replicas
-    return math.ceil(remaining / num_replicas)
-
-
-def partition_indices(
-    order: torch.Tensor,
-    start: int,
-    num_replicas: int,
-    rank: int,
-    drop_last: bool,
-    skip: int = 0,
-) -> list[int]:
-    """The indices one rank yields, as a list (see :func:`_partition` for the arguments)."""
-    return _partition(order, start, num_replicas, rank, drop_last, skip).tolist()
-
-
-def _partition(
-    order: torch.Tensor,
-    start: int,
-    num_replicas: int,
-    rank: int,
-    drop_last: bool,
-    skip: int = 0,
-) -> torch.Tensor:
-    """The indices one rank yields for the partition of ``order`` that begins at ``start``.
-
-    Args:
-        order: The epoch order (see :func:`epoch_order`).
-        start: Global position where the partition begins; ``order[start:]`` is what it splits.
-        num_replicas: Number of ranks sharing the partition.
-        rank: This rank.
-        drop_last: Drop the uneven tail instead of padding by repeating from the partition's start.
-        skip: Samples this rank already consumed in the partition.
-
-    Returns:
-        This rank's remaining indices, in order.
-    """
-    remaining = order[start:] if start < len(order) else order[:0]
-    count = per_rank_count(len(remaining), num_replicas, drop_last)
-    total = count * num_replicas
-    pad = total - len(remaining)
-    if pad > 0:
-        # Padding repeats the partition's own head, as many times as needed (DistributedSampler's rule).
-        head = remaining[:pad] if pad <= len(remaining) else remaining.repeat(math.ceil(pad / len(remaining)))
-        remaining = torch.cat([remaining, head[:pad]])
-    segment = remaining[:total]
-    first = rank + skip * num_replicas
-    return segment[first:total:num_replicas]
 
 
 # ----------------------------------------------------------------------------------------- the sampler
@@ -256,6 +167,22 @@ class ResumableSampler(Sampler[int]):
         self._tag_indices = False
         # Position len() reports from; fixed at set_epoch, load_state_dict and the start of an iteration.
         self._view = 0
+        # A bare DataLoader iterator driving the iteration: the position is read from its batch count.
+        self._binding: _loaderwatch.Binding | None = None
+        self._loader_iter: Any = (
+            None  # weakref to the DataLoader iterator found, when no binding could be made
+        )
+        self._live = False  # an iteration counted by yields (or by ResumableLoader) is in progress
+        self._token: object = None
+        # The current epoch came from load_state_dict: set_epoch(epoch) keeps it even when it is finished.
+        self._restored = False
+        # After a restore: give back the base seed the first DataLoader iterator draws (see _loaderwatch).
+        self._give_back = False
+        self._give_back_any_epoch = False
+        # What a bare DataLoader cannot make exact; recorded in the checkpoint and warned about.
+        self._unwrapped_workers = 0
+        self._counts_prefetch = False
+        self._warned = False
 
     # --------------------------------------------------------------------------------- geometry
 
@@ -272,7 +199,17 @@ class ResumableSampler(Sampler[int]):
     @property
     def consumed(self) -> int:
         """Global samples of the current epoch consumed so far (padding included)."""
+        self._sync()
         return self._consumed
+
+    def _sync(self) -> None:
+        """Bring the position up to what a bound DataLoader iterator has handed to the loop."""
+        b = self._binding
+        if b is None:
+            return
+        self._consumed = b.start_position + b.local_consumed() * self.num_replicas
+        if b.exhausted() or self._remaining_now() == 0:
+            self._finished = True
 
     def _partition_count(self) -> int:
         remaining = max(0, len(self.dataset) - self._start)
@@ -283,10 +220,14 @@ class ResumableSampler(Sampler[int]):
 
     def remaining(self) -> int:
         """Samples this rank has still to consume in the current epoch."""
+        self._sync()
+        return self._remaining_now()
+
+    def _remaining_now(self) -> int:
         return max(0, self._partition_count() - self._local_done(self._consumed))
 
     def _at_end(self) -> bool:
-        return self.remaining() == 0
+        return self._remaining_now() == 0
 
     # --------------------------------------------------------------------------------- epochs
 
@@ -299,12 +240,18 @@ class ResumableSampler(Sampler[int]):
         Args:
             epoch: The epoch number.
         """
+        self._sync()
         epoch = int(epoch)
-        if epoch != self.epoch or self._finished:
+        # A finished epoch restarts, except the one just restored: the resume loop calls set_epoch on it.
+        if epoch != self.epoch or (self._finished and not self._restored):
             self.epoch = epoch
             self._consumed = 0
             self._start = 0
+            self._binding = None
+            # The straight run created this epoch's iterator too, with its draw; a persistent one it reused.
+            self._give_back = self._give_back and self._give_back_any_epoch
         self._finished = False
+        self._restored = False
         self._view = self._consumed
 
     def _roll_over_if_finished(self) -> None:
@@ -318,7 +265,10 @@ class ResumableSampler(Sampler[int]):
     # --------------------------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[int]:
+        self._sync()
+        self._binding = None
         self._roll_over_if_finished()
+        self._restored = False
         self._view = self._consumed
         length, skip = len(self.dataset), self._local_done(self._consumed)
         chunks: Iterator[list[int]]
@@ -338,15 +288,70 @@ class ResumableSampler(Sampler[int]):
         return self._yield(chunks)
 
     def _yield(self, chunks: Iterator[list[int]]) -> Iterator[int]:
+        # Runs at the first index pulled: after a DataLoader iterator's __init__ drew its base seed.
         seed, epoch = self.seed, self.epoch
         tag, count = self._tag_indices, not self._external_count
-        for chunk in chunks:
-            for i in chunk:
-                if count:
-                    self._advance(1)
-                yield _TaggedIndex(i, seed, epoch) if tag else i
-        if count:
-            self._mark_finished()
+        token: object = None
+        if not count:
+            self._give_back = False  # ResumableLoader lends the iterator a private generator: nothing drawn
+        else:
+            count = self._bind_loader()
+            token = self._token = object()
+            self._live = True
+        try:
+            for chunk in chunks:
+                for i in chunk:
+                    if count:
+                        self._advance(1)
+                    yield _TaggedIndex(i, seed, epoch) if tag else i
+            if count:
+                self._mark_finished()
+        finally:
+            if not self._external_count and self._token is token:
+                self._live = False
+
+    def _bind_loader(self) -> bool:
+        """Bind to the bare DataLoader iterator pulling from this sampler, if any; True: count yields."""
+        binding, it = _loaderwatch.bind(self, self._remaining_now())
+        give_back, self._give_back = self._give_back, False
+        if it is None:
+            return True
+        if give_back and _loaderwatch.give_back_base_seed(it) == "moved":
+            warnings.warn(
+                "ResumableSampler: after the restore, the global torch random stream moved by more than the "
+                "DataLoader iterator's base-seed draw before the first batch (something drew random numbers "
+                "between Checkpointer.restore() and the loop), so the loop's random numbers from here on "
+                "differ from the uninterrupted run's. Fix: draw nothing random between the restore and the "
+                "loop, or wrap the loader: resumekit.ResumableLoader(DataLoader(...)).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        workers = int(getattr(it, "_num_workers", 0))
+        if workers > 0:
+            self._unwrapped_workers = workers
+        if binding is None:
+            self._loader_iter = weakref.ref(it)
+            self._counts_prefetch = self._counts_prefetch or workers > 0
+            return True
+        binding.start_position = self._consumed
+        self._binding = binding
+        return False
+
+    def _in_iteration(self) -> bool:
+        if self._binding is not None:
+            return self._binding.in_iteration()
+        return self._live
+
+    def _open_iterator(self) -> int:
+        """0: no DataLoader iterator open; 1: one is open; 2: a persistent-workers iterator exists."""
+        b = self._binding
+        if b is not None:
+            alive = b.iterator() is not None
+            return 2 if b.persistent and alive else int(b.iterator_open())
+        it = self._loader_iter() if self._loader_iter is not None else None
+        if it is None:
+            return 0
+        return 2 if getattr(it, "_persistent_workers", False) else int(self._live)
 
     def _advance(self, local_samples: int) -> None:
         """Record that the loop consumed ``local_samples`` samples on this rank (and as many on each other)."""
@@ -356,6 +361,7 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """This rank's count for the next or current iteration: after a mid-epoch resume, what remains."""
+        self._sync()
         if self._finished:
             return self.num_samples
         return max(0, self._partition_count() - self._local_done(self._view))
@@ -369,7 +375,14 @@ class ResumableSampler(Sampler[int]):
             ``{"format", "seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas",
             "shuffle", "drop_last", "order"}``; ``consumed`` and ``partition_start`` count global samples;
             ``order`` is the order kind (a record without it was written before kinds existed: ``"torch"``).
+            Four more describe the loop that produced the record: ``in_iteration`` (the loop was inside an
+            iteration of the epoch), ``open_iterator`` (0, 1: a DataLoader iterator was open, 2: a
+            persistent-workers one existed), ``unwrapped_workers`` (``num_workers`` of a DataLoader without
+            :class:`~resumekit.ResumableLoader`, 0 if none) and ``counts_prefetch`` (the position counts
+            indices workers prefetched). The last two draw a warning here, once, and at restore.
         """
+        self._sync()
+        self._warn_inexact_once()
         return {
             "format": _FORMAT,
             "seed": self.seed,
@@ -381,7 +394,22 @@ class ResumableSampler(Sampler[int]):
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "order": self.order,
+            "in_iteration": self._in_iteration(),
+            "open_iterator": self._open_iterator(),
+            "unwrapped_workers": self._unwrapped_workers,
+            "counts_prefetch": self._counts_prefetch,
         }
+
+    def _warn_inexact_once(self) -> None:
+        if self._warned or not (self._unwrapped_workers or self._counts_prefetch):
+            return
+        self._warned = True
+        warnings.warn(
+            "ResumableSampler: "
+            + _loaderwatch.inexact_message(self._unwrapped_workers, self._counts_prefetch, saving=True),
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Check a saved record against this sampler without changing anything.
@@ -451,62 +479,30 @@ class ResumableSampler(Sampler[int]):
         self._consumed = s["consumed"]
         # Same world size: continue the saved partition. Otherwise the unseen rest is split afresh.
         self._start = s["partition_start"] if s["num_replicas"] == self.num_replicas else s["consumed"]
-        self._finished = False
+        self._binding, self._loader_iter, self._live = None, None, False
+        at_end = self._at_end()
+        # As the in-process sampler at the save: an iteration in progress continues (empty at the end);
+        # an ended one rolls over to the next epoch when iterated again without set_epoch.
+        self._finished = at_end and not s["in_iteration"]
+        self._restored = True
+        # The resumed run recreates the iterator of an open iteration, or re-iterates a finished epoch: a
+        # base-seed draw the straight run did not make. A persistent iterator was never recreated at all.
+        self._give_back = s["open_iterator"] > 0 or at_end
+        self._give_back_any_epoch = s["open_iterator"] == 2
+        self._unwrapped_workers, self._counts_prefetch, self._warned = 0, False, False
         self._view = self._consumed
+        if s["unwrapped_workers"] or s["counts_prefetch"]:
+            warnings.warn(
+                "ResumableSampler: "
+                + _loaderwatch.inexact_message(s["unwrapped_workers"], s["counts_prefetch"], saving=False),
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
+        self._sync()
         return (
             f"ResumableSampler(len={len(self.dataset)}, num_replicas={self.num_replicas}, rank={self.rank}, "
             f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, order={self.order!r}, "
             f"epoch={self.epoch}, consumed={self._consumed})"
         )
-
-
-def _validated(state_dict: Any) -> dict[str, Any]:
-    """Check a saved sampler record's keys, types and invariants; return it with plain Python values."""
-    if not isinstance(state_dict, Mapping):
-        raise StateMismatchError(
-            f"ResumableSampler.load_state_dict: expected a dict, got {type(state_dict).__name__}"
-        )
-    ints = ("seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas")
-    bools = ("shuffle", "drop_last")
-    out: dict[str, Any] = {}
-    for key in (*ints, *bools):
-        if key not in state_dict:
-            raise StateMismatchError(
-                f"ResumableSampler record has no {key!r} (keys: {sorted(state_dict)}); it was not written by "
-                "ResumableSampler.state_dict()"
-            )
-        value = state_dict[key]
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if hasattr(value, "item") and not isinstance(value, (int, bool)):
-            value = value.item()  # numpy scalars after a round trip through storage
-        if key in bools:
-            if not isinstance(value, (bool, int)):
-                raise StateMismatchError(f"ResumableSampler record: {key!r} must be a bool, got {value!r}")
-            out[key] = bool(value)
-        else:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise StateMismatchError(f"ResumableSampler record: {key!r} must be an int, got {value!r}")
-            out[key] = int(value)
-    order = state_dict.get("order", "torch")  # records from before order kinds were all "torch"
-    if not isinstance(order, str) or order not in _ORDER_KINDS:
-        raise StateMismatchError(
-            f"ResumableSampler record: 'order' must be one of {_ORDER_KINDS}, got {order!r}; corrupt record "
-            "or written by a newer resumekit"
-        )
-    out["order"] = str(order)
-    if out["num_replicas"] < 1 or out["dataset_length"] < 0:
-        raise StateMismatchError(
-            f"ResumableSampler record: num_replicas={out['num_replicas']} or dataset_length="
-            f"{out['dataset_length']} is out of range; corrupt record"
-        )
-    start, consumed, w = out["partition_start"], out["consumed"], out["num_replicas"]
-    count = per_rank_count(max(0, out["dataset_length"] - start), w, out["drop_last"])
-    if not 0 <= start <= consumed or (consumed - start) % w or consumed > start + count * w:
-        raise StateMismatchError(
-            f"ResumableSampler record: position {consumed} does not lie on a step of {w} samples inside the "
-            f"partition starting at {start} (length {out['dataset_length']}); corrupt record"
-        )
-    return out

@@ -9,6 +9,13 @@ N - k steps ends in exactly the state of training N steps straight: every entry'
 ``make_state`` seeds every random source a straight run would (``random``, NumPy, torch), so that the
 straight run is itself reproducible; ``train`` must then be deterministic given the state: put a
 :class:`~resumekit.RNGState` in the state if training draws random numbers. That is what the check is for.
+
+A killed loop is checkpointed inside its data iteration, and the resumed run recreates the iterator. To check
+that, ``train`` should keep its data iterator open between calls within a process (for instance in a
+module-level dict keyed by the sampler) rather than build a new one on every call. On a failure the message
+lists likely causes: a data position that differs (skipped or repeated samples), random streams that
+diverged (a hidden consumer such as a DataLoader iterator's base-seed draw), and the warnings resumekit
+raised in the interrupted and resumed segments.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -70,8 +78,26 @@ def _resolve(ref: str) -> Callable[..., Any]:
     return obj
 
 
+def _warnings_path(out: str) -> Path:
+    return Path(out + ".warnings.json")
+
+
 def _segment(make_state: MakeState, train: Train, steps: int, resume_from: str | None, out: str) -> None:
-    """Build fresh state, optionally restore it, train ``steps``, and save the result as step 0 in ``out``."""
+    """Build fresh state, optionally restore it, train ``steps``, and save the result as step 0 in ``out``.
+
+    The warnings the segment raised are written beside ``out`` (``<out>.warnings.json``): a failed comparison
+    quotes them, since resumekit warns where it knows a resume will not be exact.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            _segment_body(make_state, train, steps, resume_from, out)
+        finally:
+            seen = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+            _warnings_path(out).write_text(json.dumps(seen))
+
+
+def _segment_body(make_state: MakeState, train: Train, steps: int, resume_from: str | None, out: str) -> None:
     state = make_state()
     if resume_from is not None:
         restored = Checkpointer(resume_from).restore(state)
@@ -107,7 +133,41 @@ def _files(root: str) -> tuple[dict[str, Any], dict[str, str]]:
     return manifest["entries"], crcs
 
 
-def _compare(expected_root: str, actual_root: str, what: str) -> None:
+def _skeleton(root: str, path: str) -> Any:
+    try:
+        return json.loads((Path(root) / "step-000000000000" / path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _causes(expected_root: str, actual_root: str, differing: list[str], notes: list[str]) -> list[str]:
+    """Likely causes of a difference, from the entries' records and the segments' warnings."""
+    causes = []
+    skeletons = dict.fromkeys(p.rsplit(".", 1)[0] + ".json" for p in differing)
+    for path in skeletons:
+        e, a = _skeleton(expected_root, path), _skeleton(actual_root, path)
+        positions = isinstance(e, dict) and isinstance(a, dict) and {"epoch", "consumed"} <= set(e) & set(a)
+        if positions and (e["epoch"], e["consumed"]) != (a["epoch"], a["consumed"]):
+            causes.append(
+                f"the data position in {path} differs: the uninterrupted run ended at epoch {e['epoch']}, "
+                f"sample {e['consumed']}, the resumed run at epoch {a['epoch']}, sample {a['consumed']}: "
+                "the resume skipped or repeated samples (a position that counts what DataLoader workers "
+                "prefetched rather than what the loop consumed; use resumekit.ResumableSampler in the "
+                "state and resumekit.ResumableLoader around the DataLoader)"
+            )
+        if isinstance(e, dict) and "torch_cpu" in e:
+            causes.append(
+                f"the random streams in {path} diverged: the resumed run drew a different amount of random "
+                "numbers than the uninterrupted run. A common cause is a hidden consumer after the restore: "
+                "each iter(DataLoader) draws its base seed from the global torch generator (a sampler other "
+                "than resumekit.ResumableSampler, or a DataLoader's own RandomSampler, cannot give that draw "
+                "back; resumekit.ResumableLoader removes it)"
+            )
+    causes += [f"resumekit warned in the resumed run: {note}" for note in notes]
+    return causes
+
+
+def _compare(expected_root: str, actual_root: str, what: str, notes: list[str] | None = None) -> None:
     e_entries, e_files = _files(expected_root)
     a_entries, a_files = _files(actual_root)
     if e_entries != a_entries:
@@ -115,11 +175,33 @@ def _compare(expected_root: str, actual_root: str, what: str) -> None:
     differing = sorted(p for p in set(e_files) | set(a_files) if e_files.get(p) != a_files.get(p))
     if differing:
         names = sorted({p.split("/")[-1].split(".")[0] for p in differing})
-        raise ComplianceError(
-            f"{what}: the state differs from the uninterrupted run in entries {names} (files {differing}). "
-            "Something in those entries' state_dict() is missing, or a random stream is not in the "
-            "checkpointed state (add resumekit.RNGState()), or training is not deterministic."
+        causes = _causes(expected_root, actual_root, differing, notes or [])
+        because = (
+            "".join(f"\n  - {c}" for c in causes)
+            if causes
+            else (
+                " Something in those entries' state_dict() is missing, or a random stream is not in the "
+                "checkpointed state (add resumekit.RNGState()), or training is not deterministic."
+            )
         )
+        raise ComplianceError(
+            f"{what}: the state differs from the uninterrupted run in entries {names} (files {differing})."
+            + (f" Likely causes:{because}" if causes else because)
+        )
+
+
+def _resumekit_notes(*outs: str) -> list[str]:
+    notes: list[str] = []
+    for out in outs:
+        try:
+            seen = json.loads(_warnings_path(out).read_text())
+        except (OSError, ValueError):
+            continue
+        notes += [n for n in seen if "resumekit" in n or n.split(": ", 1)[-1].startswith(_OUR_CLASSES)]
+    return list(dict.fromkeys(notes))
+
+
+_OUR_CLASSES = ("ResumableSampler", "ResumableLoader", "RNGState", "Checkpointer")
 
 
 def check_roundtrip(make_state: MakeState, train: Train | None = None, *, steps: int = 1) -> None:
@@ -181,6 +263,7 @@ def check_resume(
             before, after = run + "-before", run + "-after"
             _run_segment(make_state, train, k, None, before, fresh_process)
             _run_segment(make_state, train, total_steps - k, before, after, fresh_process)
-            _compare(straight, after, f"interrupted after {k} of {total_steps} steps")
+            notes = _resumekit_notes(before, after)
+            _compare(straight, after, f"interrupted after {k} of {total_steps} steps", notes)
 
         interrupted_at()

@@ -25,6 +25,7 @@ def restored(state: dict[str, Any], n: int, world: int, **kw: Any) -> list[Resum
     out = ranks(n, world, **kw)
     for s in out:
         s.load_state_dict(copy.deepcopy(state))
+        s.set_epoch(state["epoch"])  # the resume pattern: continue the restored epoch, even if finished
     return out
 
 
@@ -278,7 +279,8 @@ def test_state_dict_holds_the_documented_plain_values() -> None:
     state = s.state_dict()
     assert set(state) == {
         "format", "seed", "epoch", "consumed", "partition_start", "dataset_length", "num_replicas",
-        "shuffle", "drop_last", "order",
+        "shuffle", "drop_last", "order", "in_iteration", "open_iterator", "unwrapped_workers",
+        "counts_prefetch",
     }  # fmt: skip
     assert state.pop("order") == "torch"
     assert all(isinstance(v, (int, bool)) for v in state.values())

@@ -46,6 +46,7 @@ def restored(state: dict[str, Any], n: int, world: int, **kw: Any) -> list[Resum
     out = ranks(n, world, **kw)
     for s in out:
         s.load_state_dict(copy.deepcopy(state))
+        s.set_epoch(state["epoch"])  # the resume pattern: continue the restored epoch, even if finished
     return out
 
 
@@ -208,6 +209,7 @@ def test_partition_rules_are_the_torch_orders(
     for shuffle in (True, False):
         s = ResumableSampler(Unreadable(n), world, rank, shuffle, seed, drop_last, order=RA)
         s.load_state_dict({**state, "shuffle": shuffle})
+        s.set_epoch(epoch)  # the resume pattern: continue the restored epoch, even if finished
         expected = partition_indices(
             epoch_order(seed, epoch, n, shuffle, RA), start, world, rank, drop_last, local
         )
@@ -216,6 +218,7 @@ def test_partition_rules_are_the_torch_orders(
         if not shuffle:  # the unshuffled order is the same for both kinds, so the records must yield the same
             t = ResumableSampler(Unreadable(n), world, rank, False, seed, drop_last)
             t.load_state_dict({**state, "shuffle": False, "order": "torch"})
+            t.set_epoch(epoch)
             assert list(t) == expected
 
 
