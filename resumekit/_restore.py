@@ -15,6 +15,7 @@ import torch
 from ._codec import TensorTable, decode, encode
 from ._dist import World
 from ._entries import Item, crc_hex
+from ._json import parse_strict
 from ._keys import load_canonical
 from ._manifest import SCOPE_RANK, Manifest, entry_files, step_dir
 from ._partial import module_state
@@ -129,7 +130,15 @@ def _load_entry(
         except KeyError:
             raise CheckpointCorruptError(f"{_w} has no tensor '{name}' the skeleton refers to") from None
 
-    out.values[it.name] = decode(skeleton, lookup, it.name)
+    value = decode(skeleton, lookup, it.name)
+    # Checked here, before any object is touched: a mapping entry is cleared and updated in place,
+    # and a Module or Optimizer takes a dict, so anything else would fail half-applied.
+    if (it.kind == "mapping" or live_tensors_possible(it.obj)) and not isinstance(value, dict):
+        raise CheckpointCorruptError(
+            f"{where}/{json_name}: entry '{it.name}' decodes to a {type(value).__name__}, but its object "
+            "takes a dict; the skeleton is corrupt or forged."
+        )
+    out.values[it.name] = value
 
 
 def _files_of(m: Manifest, it: Item, world: World) -> tuple[str, str]:
@@ -190,10 +199,9 @@ class _Readers:
     def skeleton(self, relpath: str) -> Any:
         """A JSON file's content, verified and parsed once (the in-place checks read it early)."""
         if relpath not in self.skeletons:
-            try:
-                self.skeletons[relpath] = json.loads(self.verified(relpath).tobytes())
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                raise CheckpointCorruptError(f"{self.where}/{relpath} is not valid JSON ({exc})") from exc
+            self.skeletons[relpath] = parse_strict(
+                self.verified(relpath).tobytes(), f"{self.where}/{relpath}", "skeleton"
+            )
         return self.skeletons[relpath]
 
     def verified(self, relpath: str) -> Buffer:
