@@ -86,11 +86,18 @@ def _identity(t: torch.Tensor) -> tuple[Any, ...] | None:
         tuple(t.shape),
         tuple(t.stride()),
         t.dtype,
+        # A lazy conjugate or negation shares its base's memory but not its values.
+        t.is_conj(),
+        t.is_neg(),
     )
 
 
 def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    try:
+        part = str(key)
+    except ValueError:  # an int (or a tuple holding one) past Python's 4300-digit str limit
+        part = f"<{type(key).__name__} too long to print>"
+    return f"{path}.{part}" if path else part
 
 
 def _float_bits(x: float) -> str:
