@@ -26,6 +26,7 @@ from ._restore import Loaded, apply_entry, load_step
 from ._save import Snapshot, take_snapshot, write
 from ._shapes import check_keys, check_param_groups, check_shapes
 from ._storage import Storage, open_storage
+from ._verify import verify_committed
 from .drift import DriftPolicy, DriftReport, compare
 from .errors import (
     CheckpointCorruptError,
@@ -96,6 +97,10 @@ class Checkpointer:
             writer may still be finishing them).
         amp_dtype: the autocast dtype the run trains with (e.g. ``torch.bfloat16``), recorded with
             the environment so a change on resume is reported as drift.
+        verify_after_save: after each commit, read the step back as ``restore()`` would (every
+            checksum, header and skeleton; rank 0's files) before retention runs, and raise
+            ``CheckpointCorruptError`` if it does not read back. Guards against storage that loses or
+            alters acknowledged writes; costs about one restore's read per save (see docs/format.md).
 
     Example:
         >>> ckpt = Checkpointer("/tmp/run-7", keep_last=3)  # doctest: +SKIP
@@ -116,6 +121,7 @@ class Checkpointer:
         process_group: Any = None,
         orphan_grace_seconds: float = 3600.0,
         amp_dtype: str | torch.dtype | None = None,
+        verify_after_save: bool = False,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
@@ -135,6 +141,7 @@ class Checkpointer:
         self.orphan_grace_seconds = float(orphan_grace_seconds)
         self._group = process_group
         self.amp_dtype = amp_dtype
+        self.verify_after_save = bool(verify_after_save)
         self._storage: Storage = open_storage(url, storage_options)
         self.url = self._storage.url
         self._staging = StagingPool()
@@ -239,6 +246,8 @@ class Checkpointer:
                 snap.step, snap.writer, prefix, snap.items, files, snap.world
             ),
         )
+        if self.verify_after_save:  # before retention: never evict good steps for an unreadable one
+            verify_committed(self._storage, self.url, snap.step, snap.items, snap.world)
         if snap.world.rank == 0:
             self._retain()
         url = f"{self.url}/{step_dir(snap.step)}"
