@@ -209,3 +209,15 @@ def test_a_refused_save_leaves_live_tensors_unchanged(tmp_path: Path) -> None:
         rk.Checkpointer(tmp_path).save(state, step=1)
     assert_identical(before, dict(model.state_dict()))
     assert rk.Checkpointer(tmp_path).steps() == []
+
+
+def test_a_lazy_conjugate_or_negation_is_not_stored_as_its_base(tmp_path: Path) -> None:
+    # They share memory, shape and strides with their base; deduplicated by identity, the restored
+    # conjugate was the base itself: a wrong value, silently.
+    c = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    state = {"c": c, "conj": c.conj(), "imag": c.imag, "neg_imag": c.conj().imag}
+    assert state["neg_imag"].is_neg()
+    out = _roundtrip(tmp_path, state)
+    assert torch.equal(out["conj"], torch.tensor([1 - 2j, 3 + 4j], dtype=torch.complex64))
+    assert torch.equal(out["neg_imag"], torch.tensor([-2.0, 4.0]))
+    assert torch.equal(out["imag"], torch.tensor([2.0, -4.0])) and out["conj"] is not out["c"]
