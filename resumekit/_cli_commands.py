@@ -13,6 +13,7 @@ from typing import Any
 
 from ._cli_io import CliError, Root
 from ._env import collect_environment
+from ._json import parse_strict
 from ._manifest import FORMAT_VERSION, MANIFEST, Manifest, entry_files, step_dir
 from ._tensorfile import parse_head
 from .drift import DriftPolicy, compare
@@ -230,9 +231,9 @@ def _verify_step(root: Root, s: int) -> dict[str, Any]:
             )
         elif is_json:
             try:
-                json.loads(check.content or b"")
-            except ValueError as exc:
-                problems.append(_problem(root, s, rel, "json", f"{where} is not valid JSON ({exc})"))
+                parse_strict(check.content or b"", where, "skeleton")  # as strict as restore()
+            except ResumeKitError as exc:
+                problems.append(_problem(root, s, rel, "json", str(exc)))
         else:
             try:
                 parse_head(check.head, check.size, where)

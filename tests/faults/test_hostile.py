@@ -576,3 +576,15 @@ def test_hostile_config_numbers_do_not_crash_the_drift_report(
         result = rk.Checkpointer(tmp_path, config=config).restore(target)
     assert result is not None and result.step == 2 and target["meta"] == {"a": 1}
     assert result.drift.items  # the forged values are reported as drift, not crashed on
+
+
+def test_cli_verify_is_as_strict_as_restore(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `resumekit verify` is what restore's error message points to: it must not call a skeleton fine
+    # that restore refuses (a BOM, a duplicate key).
+    from resumekit.cli import main
+
+    forge(root, {"meta.json": b"\xef\xbb\xbf" + (root / STEP2 / "meta.json").read_bytes()})
+    code = main(["verify", str(root), "--step", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert [(p["file"], p["kind"]) for p in report["steps"][0]["problems"]] == [("meta.json", "json")]
