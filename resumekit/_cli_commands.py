@@ -13,6 +13,7 @@ from typing import Any
 
 from ._cli_io import CliError, Root
 from ._env import collect_environment
+from ._json import parse_strict
 from ._manifest import FORMAT_VERSION, MANIFEST, FileRecord, Manifest, entry_files, step_dir
 from ._tensorfile import parse_head
 from ._verify import file_problem
@@ -201,12 +202,12 @@ def _check(root: Root, s: int, rel: str, rec: FileRecord) -> tuple[tuple[str, st
         return (problem.kind, problem.message), check.size
     try:
         if check.content is not None:
-            json.loads(check.content)
+            parse_strict(check.content, where, "skeleton")  # as strict as restore()
         else:
             parse_head(check.head, check.size, where)
-    except ValueError as exc:
+    except (ResumeKitError, ValueError) as exc:
         if check.content is not None:
-            return ("json", f"{where} is not valid JSON ({exc})"), check.size
+            return ("json", str(exc)), check.size
         return ("header", f"unparsable safetensors header: {exc}"), check.size
     return None, check.size
 

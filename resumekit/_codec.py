@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import struct
@@ -24,13 +25,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ._json import parse_strict
+from ._tensorfile import DTYPE_TO_ST, METADATA_KEY
 from .errors import CheckpointCorruptError, UnsupportedValueError
 
-__all__ = ["TensorTable", "decode", "encode"]
+__all__ = ["TensorTable", "decode", "encode", "encode_entry"]
 
 _TAG = "$t"
 #: Decoding refuses skeletons nested deeper than this (a hostile file cannot exhaust the stack).
 MAX_DEPTH = 256
+#: Ints wider than this are written as hex (``{"$t": "int"}``): their decimal form would pass Python's
+#: 4300-digit int/str limit (14000 bits is at most 4215 digits).
+_JSON_INT_BITS = 14_000
+#: A hex integer in a skeleton longer than this is refused unread (8 MiB of digits: 32 Mbit).
+_MAX_HEX_DIGITS = 8 << 20
+#: Complex dtypes safetensors has no code for, stored as a real view (``torch.view_as_real``): the
+#: real dtype of the view for each.
+_COMPLEX_AS_REAL: dict[torch.dtype, torch.dtype] = {
+    torch.complex128: torch.float64,
+    torch.complex32: torch.float16,
+}
+_COMPLEX_NAMES = {str(dt).removeprefix("torch."): dt for dt in _COMPLEX_AS_REAL}
 
 
 @dataclass
@@ -46,7 +61,10 @@ class TensorTable:
         if ident is not None and ident in self._by_identity:
             return self._by_identity[ident]
         name = path or "tensor"
-        if name in self.tensors:
+        # METADATA_KEY is the safetensors header's own record: a tensor under that name would
+        # overwrite it and make the file unreadable, so it is escaped like a duplicate name (the
+        # skeleton records the name used, so the value round-trips).
+        if name in self.tensors or name == METADATA_KEY:
             n = 2
             while f"{name}#{n}" in self.tensors:
                 n += 1
@@ -68,11 +86,18 @@ def _identity(t: torch.Tensor) -> tuple[Any, ...] | None:
         tuple(t.shape),
         tuple(t.stride()),
         t.dtype,
+        # A lazy conjugate or negation shares its base's memory but not its values.
+        t.is_conj(),
+        t.is_neg(),
     )
 
 
 def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    try:
+        part = str(key)
+    except ValueError:  # an int (or a tuple holding one) past Python's 4300-digit str limit
+        part = f"<{type(key).__name__} too long to print>"
+    return f"{path}.{part}" if path else part
 
 
 def _float_bits(x: float) -> str:
@@ -91,6 +116,8 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
         UnsupportedValueError: for a value that cannot be stored without pickle, naming its path.
     """
     t = type(obj)
+    if t is int and obj.bit_length() > _JSON_INT_BITS:
+        return {_TAG: "int", "hex": format(obj, "x")}
     if obj is None or t is bool or t is int or t is str:
         return obj
     if t is float:
@@ -98,12 +125,17 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
             return obj
         return {_TAG: "float", "bits": _float_bits(obj)}
     if isinstance(obj, torch.Tensor):
-        if obj.is_sparse or obj.layout != torch.strided:
-            raise UnsupportedValueError(
-                f"state value at '{path}' is a {obj.layout} tensor; resumekit stores strided tensors only. "
-                "Convert it with .to_dense() in state_dict() and back in load_state_dict()."
-            )
-        out: dict[str, Any] = {_TAG: "tensor", "key": table.add(obj, path)}
+        _check_tensor(obj, path)
+        if obj.dtype in _COMPLEX_AS_REAL:
+            # A distinct tag, not a flag on "tensor": a reader that predates it refuses the value
+            # instead of returning the real view as if it were the tensor.
+            out: dict[str, Any] = {
+                _TAG: "complex",
+                "dtype": str(obj.dtype).removeprefix("torch."),
+                "key": table.add(torch.view_as_real(obj.resolve_conj().resolve_neg()), path),
+            }
+        else:
+            out = {_TAG: "tensor", "key": table.add(obj, path)}
         if isinstance(obj, torch.nn.Parameter):
             out["param"] = True
             out["requires_grad"] = bool(obj.requires_grad)
@@ -123,21 +155,16 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
             out["metadata"] = encode(dict(meta), table, _join(path, "_metadata"))
         return out
     if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject or obj.dtype.kind in "USVO":
-            raise UnsupportedValueError(
-                f"state value at '{path}' is a NumPy array of dtype {obj.dtype}; only numeric and bool "
-                "arrays can be stored without pickle. Convert it to a list of str or to a numeric array."
-            )
-        # np.ascontiguousarray would turn a 0-dim array into shape (1,); copy only when needed.
-        arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
-        return {_TAG: "ndarray", "key": table.add(torch.from_numpy(arr), path)}
+        return _encode_ndarray(obj, table, path)
     if isinstance(obj, np.generic):
         if obj.dtype.hasobject or obj.dtype.kind in "USVO":
             raise UnsupportedValueError(
                 f"state value at '{path}' is a NumPy {obj.dtype} scalar; not storable."
             )
-        # dtype.char keeps C-level distinctions (np.longlong vs np.int64) that dtype.str loses.
-        return {_TAG: "npscalar", "dtype": obj.dtype.char, "hex": obj.tobytes().hex()}
+        # dtype.char keeps C-level distinctions (np.longlong vs np.int64) that dtype.str loses; a
+        # datetime's char ('M') drops its unit, so those keep the full string ('<M8[s]').
+        dtype = obj.dtype.str if obj.dtype.kind in "mM" else obj.dtype.char
+        return {_TAG: "npscalar", "dtype": dtype, "hex": obj.tobytes().hex()}
     if t is bytes:
         return {_TAG: "bytes", "b64": base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, torch.dtype):
@@ -154,8 +181,111 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
     )
 
 
+def _check_tensor(obj: torch.Tensor, path: str) -> None:
+    """Refuse, naming ``path``, a tensor no safetensors file can hold (before anything is written)."""
+    where = path or "<root>"
+    if obj.is_sparse or obj.layout != torch.strided:
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a {obj.layout} tensor; resumekit stores strided tensors only. "
+            "Convert it with .to_dense() in state_dict() and back in load_state_dict()."
+        )
+    if obj.is_quantized:
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a quantized tensor ({obj.dtype}); safetensors has no quantized "
+            "dtypes. Store its int_repr(), q_scale() and q_zero_point() in state_dict() instead (or "
+            "dequantize() it) and rebuild it in load_state_dict()."
+        )
+    if obj.device.type == "meta":
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a meta tensor (shape {tuple(obj.shape)}, no data); there is "
+            "nothing to save. Materialise the module (to_empty() and initialise) before saving."
+        )
+    if obj.dtype not in DTYPE_TO_ST and obj.dtype not in _COMPLEX_AS_REAL:
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a tensor of dtype {obj.dtype}, which safetensors cannot store. "
+            "Convert it in state_dict() (e.g. .view() as an integer dtype of the same size) and back in "
+            "load_state_dict()."
+        )
+
+
+def _encode_ndarray(obj: np.ndarray[Any, Any], table: TensorTable, path: str) -> dict[str, Any]:
+    where = path or "<root>"
+    dt = obj.dtype
+    if dt.hasobject or dt.kind in "USVO":
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a NumPy array of dtype {dt}; only numeric and bool "
+            "arrays can be stored without pickle. Convert it to a list of str or to a numeric array."
+        )
+    if dt.kind in "mM":
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a NumPy {dt} array; torch has no datetime dtype. Store "
+            f"arr.astype('int64') and its unit ({np.datetime_data(dt)[0]!r}) in state_dict() and "
+            "rebuild it in load_state_dict()."
+        )
+    out: dict[str, Any] = {_TAG: "ndarray"}
+    if not dt.isnative:
+        # Stored in native order, the order recorded: values and dtype both round-trip. A reader that
+        # predates the field returns the same values in native order.
+        out["byteorder"] = dt.byteorder
+        obj = obj.astype(dt.newbyteorder("="))
+    # np.ascontiguousarray would turn a 0-dim array into shape (1,); copy only when needed.
+    arr = obj if obj.flags.c_contiguous else obj.copy(order="C")
+    try:
+        tensor = torch.from_numpy(arr)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a NumPy array of dtype {dt}, which torch (and so safetensors) "
+            f"cannot hold ({exc}). Convert it (e.g. longdouble to float64) in state_dict()."
+        ) from exc
+    if tensor.dtype in _COMPLEX_AS_REAL:
+        out = {**out, _TAG: "complex", "dtype": str(tensor.dtype).removeprefix("torch."), "ndarray": True}
+        tensor = torch.view_as_real(tensor)
+    _check_tensor(tensor, path)
+    out["key"] = table.add(tensor, path)
+    return out
+
+
+def encode_entry(obj: Any, table: TensorTable, entry: str) -> bytes:
+    """Encode one entry's state into its skeleton file's bytes, and prove it decodes.
+
+    The skeleton is decoded again here, against the tensors just collected, so a state this
+    resumekit could not restore is refused at save time, naming the entry: "committed" always means
+    "restorable" as far as the format goes.
+
+    Args:
+        obj: the entry's ``state_dict()`` (or the mapping's content).
+        table: receives the entry's tensors.
+        entry: the entry name, for messages.
+
+    Raises:
+        UnsupportedValueError: a value cannot be stored, or would not read back.
+    """
+    try:
+        raw = json.dumps(encode(obj, table), allow_nan=False).encode("utf-8")
+    except UnsupportedValueError as exc:
+        raise UnsupportedValueError(f"state entry '{entry}': {exc}") from exc
+    except (TypeError, ValueError, RecursionError) as exc:  # a codec gap: refuse rather than commit it
+        raise UnsupportedValueError(
+            f"state entry '{entry}' cannot be written as JSON ({exc}); convert the value in state_dict()."
+        ) from exc
+
+    def lookup(name: str) -> torch.Tensor:
+        return table.tensors[name]
+
+    try:
+        decode(parse_strict(raw, f"entry '{entry}'", "skeleton"), lookup, entry)
+    except (CheckpointCorruptError, KeyError) as exc:
+        raise UnsupportedValueError(
+            f"state entry '{entry}' would be saved but could not be restored ({exc}); convert the value "
+            "in state_dict(). Nothing was written."
+        ) from exc
+    return raw
+
+
 def _encode_key(k: Any, path: str) -> Any:
     t = type(k)
+    if t is int and k.bit_length() > _JSON_INT_BITS:
+        return {_TAG: "int", "hex": format(k, "x")}
     if k is None or t is bool or t is int or t is str:
         return k
     if t is float:
@@ -169,6 +299,9 @@ def _encode_key(k: Any, path: str) -> Any:
 
 
 _DTYPE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+#: What encode writes for a NumPy scalar's dtype: its one-letter char, or a datetime's full string.
+_NPSCALAR_RE = re.compile(r"^(?:[?A-Za-z]|[<>]?[mM]8\[[0-9]{0,6}[A-Za-z]{1,2}\])$")
+_INT64 = 1 << 63
 
 
 def decode(
@@ -176,7 +309,7 @@ def decode(
     lookup: Callable[[str], torch.Tensor],
     path: str = "",
     depth: int = 0,
-    params: dict[str, torch.nn.Parameter] | None = None,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> Any:
     """Rebuild the value encoded by :func:`encode`.
 
@@ -208,8 +341,17 @@ def decode(
         return _decode_tagged(tag, skel, lookup, path, depth, params)
     except CheckpointCorruptError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, struct.error) as exc:
-        raise CheckpointCorruptError(f"malformed '{tag}' value at '{path}': {exc}") from exc
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RuntimeError,
+        OverflowError,
+        IndexError,
+        struct.error,
+    ) as exc:
+        raise CheckpointCorruptError(f"malformed '{str(tag)[:40]}' value at '{path}': {exc}") from exc
 
 
 def _decode_tagged(
@@ -218,7 +360,7 @@ def _decode_tagged(
     lookup: Callable[[str], torch.Tensor],
     path: str,
     depth: int,
-    params: dict[str, torch.nn.Parameter] | None = None,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> Any:
     params = {} if params is None else params
     if tag == "tensor":
@@ -230,7 +372,15 @@ def _decode_tagged(
             return params[key]
         return tensor
     if tag == "ndarray":
-        return lookup(_str(skel["key"])).numpy()
+        arr = lookup(_str(skel["key"])).numpy()
+        return _with_byteorder(arr, skel, path)
+    if tag == "complex":
+        return _decode_complex(skel, lookup, path, params)
+    if tag == "int":
+        digits = _str(skel["hex"])
+        if len(digits) > _MAX_HEX_DIGITS or not re.fullmatch(r"-?[0-9a-f]+", digits):
+            raise CheckpointCorruptError(f"malformed hex integer at '{path}' ({len(digits)} characters)")
+        return int(digits, 16)
     if tag == "float":
         bits = _str(skel["bits"])
         return float(struct.unpack(">d", bytes.fromhex(bits))[0])
@@ -250,7 +400,10 @@ def _decode_tagged(
             out._metadata = OrderedDict(meta)  # type: ignore[attr-defined]
         return out
     if tag == "npscalar":
-        dt = np.dtype(_str(skel["dtype"]))
+        name = _str(skel["dtype"])
+        if not _NPSCALAR_RE.match(name):
+            raise CheckpointCorruptError(f"NumPy scalar dtype {name[:40]!r} at '{path}' is not allowed")
+        dt = np.dtype(name)
         if dt.hasobject or dt.kind in "USVO":
             raise CheckpointCorruptError(f"NumPy scalar of dtype {dt} at '{path}' is not allowed")
         raw = bytes.fromhex(_str(skel["hex"]))
@@ -270,14 +423,62 @@ def _decode_tagged(
     if tag == "device":
         return torch.device(_str(skel["v"]))
     if tag == "size":
-        return torch.Size([int(x) for x in _list(skel["v"])])
+        dims = _list(skel["v"])
+        # Checked before torch converts them: a float (inf) or a huge int would escape as OverflowError.
+        if not all(type(x) is int and -_INT64 <= x < _INT64 for x in dims):
+            raise CheckpointCorruptError(f"torch.Size at '{path}' holds a value that is not an int64")
+        return torch.Size(dims)
     raise CheckpointCorruptError(f"unknown value tag {tag!r} at '{path}'")
+
+
+def _decode_complex(
+    skel: dict[str, Any],
+    lookup: Callable[[str], torch.Tensor],
+    path: str,
+    params: dict[str, torch.Tensor],
+) -> Any:
+    name, key = _str(skel["dtype"]), _str(skel["key"])
+    dtype = _COMPLEX_NAMES.get(name)
+    if dtype is None:
+        raise CheckpointCorruptError(f"unknown complex dtype {name[:40]!r} at '{path}'")
+    memo = f"complex:{key}"  # a tied tensor stays one object (the view is built once)
+    if memo not in params:
+        real = lookup(key)
+        if real.dtype != _COMPLEX_AS_REAL[dtype] or real.dim() == 0 or real.shape[-1] != 2:
+            raise CheckpointCorruptError(
+                f"{name} tensor at '{path}' is stored as {real.dtype} of shape {tuple(real.shape)}; "
+                f"expected {_COMPLEX_AS_REAL[dtype]} with a last dimension of 2"
+            )
+        if real.numel() and not any(real.stride()):
+            # A planner's stand-in (one element broadcast to the shape): stand in for the view too.
+            params[memo] = torch.zeros((), dtype=dtype).expand(real.shape[:-1])
+        else:
+            params[memo] = torch.view_as_complex(real)
+    value = params[memo]
+    if skel.get("ndarray"):
+        return _with_byteorder(value.numpy(), skel, path)
+    if skel.get("param"):
+        pmemo = f"param:{memo}"
+        if pmemo not in params:
+            params[pmemo] = torch.nn.Parameter(value, requires_grad=bool(skel.get("requires_grad", True)))
+        return params[pmemo]
+    return value
+
+
+def _with_byteorder(arr: np.ndarray[Any, Any], skel: dict[str, Any], path: str) -> np.ndarray[Any, Any]:
+    """``arr`` (native order, as stored) in the byte order the skeleton records, if any."""
+    order = skel.get("byteorder")
+    if order is None:
+        return arr
+    if order not in ("<", ">"):
+        raise CheckpointCorruptError(f"unknown byte order {str(order)[:8]!r} at '{path}'")
+    return arr.astype(arr.dtype.newbyteorder(order))
 
 
 def _decode_key(k: Any, path: str, depth: int) -> Any:
     if isinstance(k, dict):
         v = _decode_tagged(k.get(_TAG), k, _no_tensors, path, depth + 1)
-        if type(v) not in (float, tuple):
+        if type(v) not in (float, tuple, int):
             raise CheckpointCorruptError(f"dict key at '{path}' decodes to {type(v).__name__}")
         return v
     if isinstance(k, list):

@@ -77,7 +77,9 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    # Bounded: the values come from a manifest (untrusted), and a product of three huge ints would not
+    # even convert to a string for the message.
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 1 << 63
 
 
 def _pick(flat: Mapping[str, Any], names: tuple[str, ...]) -> Optional[str]:

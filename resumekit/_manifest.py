@@ -14,6 +14,7 @@ from typing import Any
 
 import crc32c
 
+from ._json import parse_strict
 from .errors import CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFormatError
 
 __all__ = [
@@ -34,6 +35,8 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 #: A single file larger than this (1 PiB) is treated as hostile.
 MAX_FILE_BYTES = 1 << 50
+#: Steps, world sizes and ranks at or above this are refused (they are int64 everywhere else).
+_MAX_INT = 1 << 63
 
 _SELF_CRC = "manifest_crc32c"
 
@@ -155,10 +158,9 @@ class Manifest:
         """
         if len(raw) > MAX_MANIFEST_BYTES:
             raise UnsafeCheckpointError(f"{where}: manifest is {len(raw)} bytes, over {MAX_MANIFEST_BYTES}")
-        try:
-            d = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointCorruptError(f"{where}: manifest is not valid JSON ({exc})") from exc
+        # Strict parsing (UTF-8 without BOM, no duplicate keys, bounded numbers): the self-checksum
+        # covers the parsed form, so only one byte form may parse to a given value's meaning.
+        d = parse_strict(raw, where, "manifest")
         if not isinstance(d, dict):
             raise CheckpointCorruptError(f"{where}: manifest is not a JSON object")
         stored = d.pop(_SELF_CRC, None)
@@ -172,8 +174,10 @@ class Manifest:
                 "was corrupted or edited after it was written."
             )
         version = d.get("format_version")
-        if type(version) is not int:
-            raise CheckpointCorruptError(f"{where}: manifest has no integer format_version")
+        if type(version) is not int or version < 1:
+            raise CheckpointCorruptError(
+                f"{where}: manifest has no valid format_version ({version!r}; formats are numbered from 1)"
+            )
         if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"{where}: written in checkpoint format {version}; this resumekit reads up to format "
@@ -190,7 +194,7 @@ class Manifest:
                 files=files,
                 environment=_dict(d.get("environment", {})),
                 config=None if d.get("config") is None else _dict(d["config"]),
-                created_unix=float(d.get("created_unix", 0.0)),
+                created_unix=_timestamp(d.get("created_unix", 0.0)),
                 resumekit_version=_str(d.get("resumekit_version", "")),
                 format_version=version,
                 checksum=_str(d.get("checksum", "crc32c")),
@@ -232,7 +236,7 @@ def _entry(e: Any, name: str, where: str) -> Entry:
     scope, kind = e.get("scope"), e.get("kind")
     if scope not in (SCOPE_REPLICATED, SCOPE_RANK) or kind not in ("state", "mapping"):
         raise CheckpointCorruptError(f"{where}: entry {name!r} has unknown scope/kind {scope!r}/{kind!r}")
-    ranks = tuple(_int(r) for r in e.get("ranks", [0]))
+    ranks = tuple(_int(r) for r in _list(e.get("ranks", [0])))
     return Entry(scope=scope, kind=kind, ranks=ranks)
 
 
@@ -243,9 +247,29 @@ def _dict(v: Any) -> dict[str, Any]:
 
 
 def _int(v: Any) -> int:
-    if type(v) is not int or v < 0:
-        raise TypeError(f"expected a non-negative integer, got {v!r}")
+    if type(v) is not int or not 0 <= v < _MAX_INT:
+        raise TypeError(f"expected a non-negative 64-bit integer, got {_short(v)}")
     return v
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise TypeError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def _timestamp(v: Any) -> float:
+    # Bounded before conversion: float() of a huge int raises OverflowError, which no caller expects.
+    if type(v) not in (int, float) or not -_MAX_INT < v < _MAX_INT:
+        raise TypeError(f"created_unix must be a number of seconds, got {_short(v)}")
+    return float(v)
+
+
+def _short(v: Any) -> str:
+    """``repr`` for a message, cut short (a hostile value may be huge; a long int's repr may raise)."""
+    if type(v) is int and v.bit_length() > 256:
+        return f"an integer of {v.bit_length()} bits"
+    return repr(v)[:80]
 
 
 def _str(v: Any) -> str:

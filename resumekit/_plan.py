@@ -278,9 +278,19 @@ def check_entry(e: LiveEntry, saved: Any, options: RestoreOptions) -> None:
 
     Raises:
         StateMismatchError: a module's names or shapes, an optimizer's parameter groups.
+        CheckpointCorruptError: a mapping, Module or Optimizer entry whose skeleton decodes to
+            something other than a dict (forged or corrupt; falls back).
         Whatever the object's ``resumekit_validate`` hook raises.
     """
     obj = e.item.obj
+    # A mapping entry is cleared and updated in place, and a Module or Optimizer takes a dict:
+    # anything else would fail half-applied.
+    takes_dict = e.item.kind == "mapping" or isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
+    if takes_dict and not isinstance(saved, dict):
+        raise CheckpointCorruptError(
+            f"entry '{e.name}' decodes to a {type(saved).__name__}, but its object takes a dict; "
+            "the skeleton is corrupt or forged."
+        )
     if isinstance(obj, torch.nn.Module) and not options.allow_shape_mismatch:
         check_shapes(saved, obj, entry=e.name, fix=DEFAULT_SHAPE_FIX, keys=e.keys)
         check_keys(saved, obj, entry=e.name, keys=e.keys)

@@ -9,7 +9,6 @@ plan says so. Nothing here loads state into an object.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import crc32c
 import torch
 
 from ._codec import decode
+from ._json import parse_strict
 from ._live import LiveEntry
 from ._manifest import step_dir
 from ._messages import CORRUPTED_AFTER_WRITE
@@ -122,10 +122,7 @@ class StepReader(contextlib.ExitStack):
         return buf
 
     def _skeleton(self, ref: FileRef) -> Any:
-        try:
-            return json.loads(self._whole(ref).tobytes())
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointCorruptError(f"{self._at(ref)} is not valid JSON ({exc})") from exc
+        return parse_strict(self._whole(ref).tobytes(), self._at(ref), "skeleton")
 
     def _reader(self, ref: FileRef) -> RangeReader:
         reader = self._open.get(ref.relpath)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ import crc32c
 import torch
 
 from ._async import StagingPool
-from ._codec import TensorTable, encode
+from ._codec import TensorTable, encode_entry
 from ._dist import World, describe
 from ._entries import Item, check_step, items_of
 from ._manifest import SCOPE_REPLICATED, FileRecord, Manifest, entry_files
@@ -82,7 +81,7 @@ def take_snapshot(
             else:
                 raw_state = dict(it.obj)
             table = TensorTable()
-            skeleton = json.dumps(encode(raw_state, table), allow_nan=False).encode("utf-8")
+            skeleton = encode_entry(raw_state, table, it.name)  # refuses what could not restore
             tensors = pool.copy(it.name, table.tensors) if pool is not None else table.tensors
             snap.encoded.append((it, skeleton, tensors))
     except Exception as exc:

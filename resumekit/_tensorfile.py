@@ -22,9 +22,11 @@ from typing import IO, Any, Protocol
 import crc32c
 import torch
 
-from .errors import CheckpointCorruptError, UnsafeCheckpointError
+from ._json import parse_strict
+from .errors import CheckpointCorruptError, UnsafeCheckpointError, UnsupportedValueError
 
 __all__ = [
+    "METADATA_KEY",
     "RangeReader",
     "header_length",
     "parse_head",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 _CHUNK = 64 << 20
+#: The header key safetensors reserves for its string-to-string metadata record.
+METADATA_KEY = "__metadata__"
 #: A header larger than this is refused before it is parsed (safetensors' own limit is 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 #: Larger dimensions are refused as hostile (torch sizes are int64).
@@ -101,12 +105,19 @@ def _host_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
     for name, t in tensors.items():
+        if name == METADATA_KEY:
+            # The header's metadata record lives under this key: a tensor of that name would overwrite
+            # it and leave a file no reader accepts. TensorTable never hands out this name.
+            raise UnsupportedValueError(
+                f"a tensor cannot be named {METADATA_KEY!r} in a safetensors file (the name is reserved "
+                "for the header's metadata); rename it."
+            )
         if t.dtype not in DTYPE_TO_ST:
-            raise CheckpointCorruptError(
+            raise UnsupportedValueError(
                 f"tensor '{name}' has dtype {t.dtype}, which safetensors cannot store; convert it in state_dict()."
             )
     order = sorted(tensors, key=lambda n: -tensors[n].element_size())
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    header: dict[str, Any] = {METADATA_KEY: dict(metadata or {"format": "pt"})}
     offset = 0
     for name in order:
         t = tensors[name]
@@ -201,17 +212,14 @@ def parse_head(head: bytes, total: int, where: str) -> dict[str, TensorSpec]:
 
 def _parse_header_json(raw: bytes, total: int, where: str) -> tuple[dict[str, TensorSpec], int]:
     n = len(raw)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointCorruptError(f"{where}: header is not valid JSON ({exc})") from exc
+    header = parse_strict(raw, where, "header")
     if not isinstance(header, dict):
         raise CheckpointCorruptError(f"{where}: header is not a JSON object")
     data_start = 8 + n
     data_len = total - data_start
     specs: dict[str, TensorSpec] = {}
     for name, info in header.items():
-        if name == "__metadata__":
+        if name == METADATA_KEY:
             continue
         specs[name] = _spec(name, info, data_len, where)
     expected = 0
@@ -231,19 +239,20 @@ def _parse_header_json(raw: bytes, total: int, where: str) -> tuple[dict[str, Te
 def _spec(name: str, info: Any, data_len: int, where: str) -> TensorSpec:
     if not isinstance(info, dict):
         raise CheckpointCorruptError(f"{where}: entry for '{name}' is not an object")
-    dtype = ST_TO_DTYPE.get(info.get("dtype"))  # type: ignore[arg-type]
+    st_dtype = info.get("dtype")
+    dtype = ST_TO_DTYPE.get(st_dtype) if isinstance(st_dtype, str) else None  # a list is unhashable
     if dtype is None:
-        raise CheckpointCorruptError(f"{where}: tensor '{name}' has unknown dtype {info.get('dtype')!r}")
+        raise CheckpointCorruptError(f"{where}: tensor '{name}' has unknown dtype {str(st_dtype)[:40]!r}")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid shape {shape!r}")
+        raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid shape {str(shape)[:80]}")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
     ):
-        raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid data_offsets {offsets!r}")
+        raise CheckpointCorruptError(f"{where}: tensor '{name}' has invalid data_offsets {str(offsets)[:80]}")
     if len(shape) > 64 or any(d > _MAX_DIM for d in shape):
-        raise UnsafeCheckpointError(f"{where}: tensor '{name}' declares an absurd shape {shape}")
+        raise UnsafeCheckpointError(f"{where}: tensor '{name}' declares an absurd shape {str(shape)[:80]}")
     numel = 1
     for d in shape:
         numel *= d  # exact (Python ints); a zero dim anywhere makes it empty

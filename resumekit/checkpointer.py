@@ -25,6 +25,7 @@ from ._live import live_entries
 from ._manifest import FORMAT_VERSION, SCOPE_RANK, Entry, FileRecord, Manifest, step_dir
 from ._messages import not_committed
 from ._plan import RestoreOptions
+from ._readback import verify_committed
 from ._reader import positional_reads
 from ._restore import read_newest
 from ._save import Snapshot, take_snapshot, write
@@ -97,6 +98,10 @@ class Checkpointer:
         storage: the storage backend to read and write through instead of the one ``url`` opens
             (``url`` and ``storage_options`` are then not used; the checkpointer's ``url`` is the
             storage's). For tests and fault injection: wrap ``resumekit._storage.open_storage(url)``.
+        verify_after_save: after each commit, read the step back as ``restore()`` would (every
+            checksum, header and skeleton, on every rank) before retention runs, and raise
+            ``CheckpointCorruptError`` if it does not read back. Guards against storage that loses or
+            alters acknowledged writes; costs about one restore's read per save (see docs/format.md).
 
     Example:
         >>> ckpt = Checkpointer("/tmp/run-7", keep_last=3)  # doctest: +SKIP
@@ -118,6 +123,7 @@ class Checkpointer:
         orphan_grace_seconds: float = 3600.0,
         amp_dtype: str | torch.dtype | None = None,
         storage: Storage | None = None,
+        verify_after_save: bool = False,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
@@ -138,6 +144,7 @@ class Checkpointer:
         self._group = process_group
         self.amp_dtype = amp_dtype
         self._storage: Storage = storage if storage is not None else open_storage(url, storage_options)
+        self.verify_after_save = bool(verify_after_save)
         self.url = self._storage.url
         self._staging = StagingPool()
         self._inflight: BackgroundSave | None = None
@@ -241,6 +248,15 @@ class Checkpointer:
                 snap.step, snap.writer, prefix, snap.items, files, snap.world
             ),
         )
+        if self.verify_after_save:  # before retention: never evict good steps for an unreadable one
+            verify_committed(
+                self._storage,
+                self.url,
+                snap.step,
+                snap.items,
+                snap.world,
+                lambda m: self._drift(m, snap.world),
+            )
         if snap.world.rank == 0:
             self._retain()
         url = f"{self.url}/{step_dir(snap.step)}"

@@ -403,3 +403,188 @@ def test_a_legitimate_checkpoint_passes_the_same_sentinels(root: Path, audit: An
     opened = [os.fsdecode(a) for e, a in audit if e == "open" and isinstance(a, (str, bytes))]
     assert any(p.endswith("model.safetensors") for p in opened)
     assert _outside_opens(audit, root / STEP2) == []
+
+
+# -- hostile numbers and encodings (issue 17, items 5 and 7) ---------------------------------------
+# Each forged file has checksums that match, as any hostile writer can recompute them; each must be a
+# refused, skipped step with fallback to step 1, never an exception past the fallback.
+
+_BIG = "1" + "0" * 5000  # a 5001-digit literal: Python's int/str limit is 4300 digits
+
+
+def _manifest_text(root: Path) -> str:
+    return (root / STEP2 / "manifest.json").read_text()
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), 2**64], ids=["1e400", "-1e400", "2**64"])
+def test_created_unix_out_of_range_is_refused(root: Path, audit: Any, value: int) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        m["created_unix"] = value
+
+    forge(root, edit=edit)
+    refused(root, audit, "created_unix")
+
+
+def test_a_5000_digit_integer_in_the_manifest_is_refused(root: Path, audit: Any) -> None:
+    text = _manifest_text(root)
+    forge(root, manifest_bytes=text.replace('"step": 2', f'"step": {_BIG}', 1).encode())
+    refused(root, audit, "integer literal")
+
+
+def test_a_float_literal_overflowing_to_infinity_in_the_manifest_is_refused(root: Path, audit: Any) -> None:
+    text = _manifest_text(root)
+    forge(root, manifest_bytes=text.replace('"created_unix": ', '"created_unix": 1e999 + ', 1).encode())
+    refused(root, audit, "manifest")
+
+
+@pytest.mark.parametrize(
+    "skeleton",
+    [
+        b'{"step": ' + _BIG.encode() + b"}",
+        b'{"step": {"$t": "size", "v": [Infinity]}}',
+        b'{"step": {"$t": "size", "v": [1e400]}}',
+        b'{"step": {"$t": "size", "v": [' + str(10**30).encode() + b"]}}",
+        b'{"step": {"$t": "size", "v": [1.5]}}',
+        b'{"step": NaN}',
+        b'{"step": {"$t": "int", "hex": "xyz"}}',
+        b'{"step": {"$t": "npscalar", "dtype": "(99999999999999999999,)f8", "hex": "00"}}',
+        b'{"step": {"$t": "complex", "dtype": "complex128", "key": "t"}, "t": {"$t": "tensor", "key": "t"}}',
+        b'{"step": {"$t": "complex", "dtype": "object", "key": "t"}, "t": {"$t": "tensor", "key": "t"}}',
+        b'{"step": {"$t": "ndarray", "key": "t", "byteorder": "?"}, "t": {"$t": "tensor", "key": "t"}}',
+        b'{"step": 1, "step": 2}',
+        b"\xef\xbb\xbf" + b'{"step": 2}',
+        '{"step": 2}'.encode("utf-16"),
+    ],
+    ids=[
+        "5000-digit-int",
+        "size-Infinity",
+        "size-1e400",
+        "size-1e30",
+        "size-float",
+        "NaN",
+        "int-hex-garbage",
+        "npscalar-huge-subarray",
+        "complex-of-int64",
+        "complex-unknown-dtype",
+        "ndarray-byteorder",
+        "duplicate-key",
+        "utf8-bom",
+        "utf16",
+    ],
+)
+def test_hostile_numbers_and_encodings_in_a_skeleton_are_refused(
+    root: Path, audit: Any, skeleton: bytes
+) -> None:
+    forge(root, {"meta.json": skeleton})
+    refused(root, audit, "meta")
+
+
+def test_a_5000_digit_offset_in_a_safetensors_header_is_refused(root: Path, audit: Any) -> None:
+    header = b'{"t": {"dtype": "I64", "shape": [3], "data_offsets": [0, ' + _BIG.encode() + b"]}}"
+    header += b" " * (-len(header) % 8)
+    forge(root, {"meta.safetensors": struct.pack("<Q", len(header)) + header + bytes(24)})
+    refused(root, audit, "meta.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"a": 1}, 5, None])
+def test_unhashable_or_odd_dtype_in_a_safetensors_header_is_refused(
+    root: Path, audit: Any, dtype: Any
+) -> None:
+    header = {"t": {"dtype": dtype, "shape": [3], "data_offsets": [0, 24]}}
+    forge(root, {"meta.safetensors": _safetensors(header, bytes(24))})
+    refused(root, audit, "unknown dtype")
+
+
+@pytest.mark.parametrize("version", [0, -1, -(10**30)])
+def test_zero_or_negative_format_version_is_refused(root: Path, audit: Any, version: int) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        m["format_version"] = version
+
+    forge(root, edit=edit)
+    refused(root, audit, "format_version")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_a_manifest_re_encoded_is_refused(root: Path, audit: Any, encoding: str) -> None:
+    # json.loads(bytes) detects these encodings by itself, and the self-checksum covers the parsed form:
+    # without strict parsing each one passed as the original manifest.
+    forge(root, manifest_bytes=_manifest_text(root).encode(encoding))
+    refused(root, audit, "manifest")
+
+
+def test_a_manifest_with_a_duplicate_key_is_refused(root: Path, audit: Any) -> None:
+    # The last "step" wins in json.loads, so the checksum of the parsed form still matched.
+    text = _manifest_text(root)
+    forge(root, manifest_bytes=text.replace("{", '{\n "step": 999,', 1).encode())
+    refused(root, audit, "duplicate key")
+
+
+def test_ranks_that_are_not_a_list_are_refused(root: Path, audit: Any) -> None:
+    def edit(m: dict[str, Any]) -> None:
+        m["entries"]["meta"]["ranks"] = {"0": 0}
+
+    forge(root, edit=edit)
+    refused(root, audit, "manifest")
+
+
+@pytest.mark.parametrize("skeleton", [b"[1, 2]", b'"text"', b"7", b'{"$t": "tuple", "items": [1]}'])
+def test_a_skeleton_that_is_not_a_dict_leaves_the_mapping_untouched(
+    root: Path, audit: Any, skeleton: bytes
+) -> None:
+    # A mapping entry is restored with clear() then update(): a non-dict used to empty the user's dict
+    # first and then raise a bare TypeError.
+    forge(root, {"meta.json": skeleton})
+    target = {"model": nn.Linear(4, 4), "meta": {"keep": "me"}}
+    with pytest.raises(CheckpointCorruptError, match="decodes to a"):
+        rk.Checkpointer(root).restore(target, step=2)
+    assert target["meta"] == {"keep": "me"}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        result = rk.Checkpointer(root).restore(target)
+    assert result is not None and result.step == 1
+    assert_identical(_state(1)["meta"], target["meta"])
+
+
+def test_a_module_skeleton_that_is_not_a_dict_is_refused(root: Path, audit: Any) -> None:
+    forge(root, {"model.json": b"[1, 2]"})
+    refused(root, audit, "decodes to a list")
+
+
+@pytest.mark.parametrize(
+    "edit_config",
+    [
+        {"batch_size": 10**4000, "grad_accumulation": 10**4000},
+        {"batch_size": [1], "grad_accumulation": "x"},
+    ],
+    ids=["huge-ints", "wrong-types"],
+)
+def test_hostile_config_numbers_do_not_crash_the_drift_report(
+    tmp_path: Path, edit_config: dict[str, Any]
+) -> None:
+    # The drift message multiplies batch size, accumulation and world size: unbounded ints from a
+    # forged manifest made a product whose decimal form Python refuses to build (a bare ValueError).
+    config = {"batch_size": 4, "grad_accumulation": 2}
+    ckpt = rk.Checkpointer(tmp_path, config=config)
+    ckpt.save({"meta": {"a": 1}}, step=2)
+    path = tmp_path / STEP2 / "manifest.json"
+    m = json.loads(path.read_bytes())
+    m["config"].update(edit_config)
+    path.write_bytes(seal(m))
+    target: dict[str, Any] = {"meta": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = rk.Checkpointer(tmp_path, config=config).restore(target)
+    assert result is not None and result.step == 2 and target["meta"] == {"a": 1}
+    assert result.drift.items  # the forged values are reported as drift, not crashed on
+
+
+def test_cli_verify_is_as_strict_as_restore(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `resumekit verify` is what restore's error message points to: it must not call a skeleton fine
+    # that restore refuses (a BOM, a duplicate key).
+    from resumekit.cli import main
+
+    forge(root, {"meta.json": b"\xef\xbb\xbf" + (root / STEP2 / "meta.json").read_bytes()})
+    code = main(["verify", str(root), "--step", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert [(p["file"], p["kind"]) for p in report["steps"][0]["problems"]] == [("meta.json", "json")]
