@@ -26,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import torch
 
 from ._manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir, step_dir
+from ._safe_open import O_DIRECTORY, not_kind_message, open_checked
 from ._tensorfile import RangeReader
 from .errors import (
     CheckpointCorruptError,
@@ -130,68 +131,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-
-
-def _kind_name(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
-
-
-def _not_kind_message(path: str, mode: int, want_dir: bool) -> str:
-    if stat.S_ISLNK(mode):
-        target = ""
-        with contextlib.suppress(OSError):
-            target = f" (to '{os.readlink(path)}')"
-        return (
-            f"'{path}' is a symbolic link{target}; resumekit reads and deletes only what lives inside its "
-            "own checkpoint root, so the link is never followed. To start from another run's checkpoint, "
-            "copy its step folder into this root (cp -r, or cp -al for hard links that share the bytes)."
-        )
-    want = "a folder" if want_dir else "a regular file"
-    return f"'{path}' is {_kind_name(mode)}, not {want}; refused without opening it."
-
-
-def _open_checked(dir_fd: int, name: str, path: str, want_dir: bool) -> int:
-    """Open ``name`` in ``dir_fd`` if it is a real folder (``want_dir``) or a regular file, else refuse.
-
-    ``lstat`` first, so a FIFO or a device is never opened at all; then ``O_NOFOLLOW | O_NONBLOCK`` and
-    an ``fstat`` of the descriptor, so a link or FIFO swapped in meanwhile is refused too, without
-    blocking.
-    """
-    check = stat.S_ISDIR if want_dir else stat.S_ISREG
-    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    if not check(mode):
-        raise UnsafeCheckpointError(_not_kind_message(path, mode, want_dir))
-    flags = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | (_O_DIRECTORY if want_dir else 0)
-    try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
-            raise UnsafeCheckpointError(
-                f"'{path}' changed into something else while it was opened; refused."
-            ) from exc
-        raise
-    mode = os.fstat(fd).st_mode
-    if not check(mode):
-        os.close(fd)
-        raise UnsafeCheckpointError(_not_kind_message(path, mode, want_dir))
-    if not want_dir:
-        os.set_blocking(fd, True)
-    return fd
 
 
 class _LocalStage:
@@ -321,13 +260,13 @@ class LocalStorage:
                 f"'{relpath}' is not a plain relative path inside the step folder; refused without reading it."
             )
         try:
-            fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
+            fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY)
         except NotADirectoryError as exc:
             raise UnsafeCheckpointError(f"checkpoint root '{self.root}' is not a folder.") from exc
         names = [step_dir(step), *parts]
         try:
             for i, name in enumerate(names):
-                nxt = _open_checked(fd, name, os.path.join(self.root, *names[: i + 1]), i < len(names) - 1)
+                nxt = open_checked(fd, name, os.path.join(self.root, *names[: i + 1]), i < len(names) - 1)
                 os.close(fd)
                 fd = nxt
             opened, fd = fd, -1
@@ -409,13 +348,9 @@ class LocalStorage:
         try:
             mode = os.lstat(folder).st_mode
             if not stat.S_ISDIR(mode):
-                raise UnsafeCheckpointError(_not_kind_message(folder, mode, True) + " Not deleted.")
-            fd = os.open(folder, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW)
-            try:
-                os.unlink(MANIFEST, dir_fd=fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                raise UnsafeCheckpointError(not_kind_message(folder, mode, True) + " Not deleted.")
+            os.unlink(os.path.join(folder, MANIFEST))
+            _fsync_dir(folder)
         except FileNotFoundError:
             pass
         except OSError as exc:
