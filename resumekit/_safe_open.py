@@ -15,10 +15,9 @@ import stat
 
 from .errors import UnsafeCheckpointError
 
-__all__ = ["O_DIRECTORY", "not_kind_message", "open_checked"]
+__all__ = ["not_kind_message", "open_checked"]
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
@@ -50,30 +49,52 @@ def not_kind_message(path: str, mode: int, want_dir: bool) -> str:
     return f"'{path}' is {_kind_name(mode)}, not {want}; refused without opening it."
 
 
-def open_checked(dir_fd: int, name: str, path: str, want_dir: bool) -> int:
-    """Open ``name`` in ``dir_fd`` if it is a real folder (``want_dir``) or a regular file, else refuse.
+def open_checked(root: str, names: list[str]) -> int:
+    """Open ``root/names[0]/.../names[-1]`` for reading if every folder on the way is a real folder
+    and the last name a regular file; refuse anything else without opening it.
 
-    ``lstat`` first, so a FIFO or a device is never opened at all; then ``O_NOFOLLOW | O_NONBLOCK`` and
-    an ``fstat`` of the descriptor, so a link or FIFO swapped in meanwhile is refused too, without
-    blocking.
+    ``lstat`` first, so a link is never followed and a FIFO or device never opened at all; then the
+    file is opened with ``O_NOFOLLOW | O_NONBLOCK`` and its descriptor checked with ``fstat``: the same
+    inode that was checked, a regular file. The folders are checked again after the open, so a
+    component swapped for a link meanwhile is refused too. ``root`` itself is trusted (the user chose
+    it; it may be a link).
+
+    Raises:
+        FileNotFoundError: a component does not exist.
+        UnsafeCheckpointError: a component is a link, or not of the kind expected.
     """
-    check = stat.S_ISDIR if want_dir else stat.S_ISREG
-    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    if not check(mode):
-        raise UnsafeCheckpointError(not_kind_message(path, mode, want_dir))
-    flags = os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | (O_DIRECTORY if want_dir else 0)
+    path = root
+    folders: list[tuple[str, int, int]] = []
+    for name in names[:-1]:
+        path = os.path.join(path, name)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeCheckpointError(not_kind_message(path, st.st_mode, True))
+        folders.append((path, st.st_dev, st.st_ino))
+    path = os.path.join(path, names[-1])
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeCheckpointError(not_kind_message(path, st.st_mode, False))
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
             raise UnsafeCheckpointError(
                 f"'{path}' changed into something else while it was opened; refused."
             ) from exc
         raise
-    mode = os.fstat(fd).st_mode
-    if not check(mode):
-        os.close(fd)
-        raise UnsafeCheckpointError(not_kind_message(path, mode, want_dir))
-    if not want_dir:
+    try:
+        opened = os.fstat(fd)
+        same = stat.S_ISREG(opened.st_mode) and (opened.st_dev, opened.st_ino) == (st.st_dev, st.st_ino)
+        for folder, dev, ino in folders:
+            now = os.lstat(folder)
+            same = same and stat.S_ISDIR(now.st_mode) and (now.st_dev, now.st_ino) == (dev, ino)
+        if not same:
+            raise UnsafeCheckpointError(
+                f"'{path}' changed while it was opened (a link or file swapped in); refused."
+            )
         os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd

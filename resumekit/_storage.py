@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import torch
 
 from ._manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir, step_dir
-from ._safe_open import O_DIRECTORY, not_kind_message, open_checked
+from ._safe_open import not_kind_message, open_checked
 from ._tensorfile import RangeReader
 from .errors import (
     CheckpointCorruptError,
@@ -243,12 +243,11 @@ class LocalStorage:
     def _open_inside(self, step: int, relpath: str) -> int:
         """Open a regular file of a step for reading: never through a link, never blocking.
 
-        Every component below the root is opened relative to its parent's descriptor, after an
-        ``lstat`` and with ``O_NOFOLLOW``: the step folder and any folder inside it must be real
-        folders, the file a regular file. A link, FIFO, socket or device is refused before it is
-        opened (opening a FIFO blocks until a writer appears). Each descriptor is checked again with
-        ``fstat``, so a tree changed between the check and the open slips nothing past it. The root
-        itself may be a link: the user chose it.
+        Every component below the root is checked with ``lstat`` before anything is opened: the step
+        folder and any folder inside it must be real folders, the file a regular file. A link, FIFO,
+        socket or device is refused without being opened (opening a FIFO blocks until a writer
+        appears); see :func:`resumekit._safe_open.open_checked`. The root itself may be a link: the
+        user chose it.
 
         Raises:
             FileNotFoundError: the step folder or the file does not exist.
@@ -259,21 +258,7 @@ class LocalStorage:
             raise UnsafeCheckpointError(
                 f"'{relpath}' is not a plain relative path inside the step folder; refused without reading it."
             )
-        try:
-            fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY)
-        except NotADirectoryError as exc:
-            raise UnsafeCheckpointError(f"checkpoint root '{self.root}' is not a folder.") from exc
-        names = [step_dir(step), *parts]
-        try:
-            for i, name in enumerate(names):
-                nxt = open_checked(fd, name, os.path.join(self.root, *names[: i + 1]), i < len(names) - 1)
-                os.close(fd)
-                fd = nxt
-            opened, fd = fd, -1
-            return opened
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        return open_checked(self.root, [step_dir(step), *parts])
 
     def read_manifest(self, step: int) -> bytes | None:
         path = self._step_path(step, MANIFEST)
