@@ -73,12 +73,13 @@ def test_two_writers_racing_for_one_step_commit_exactly_one(gcs: GCSEndpoint, pr
     url = f"gs://{prefix}"
     barrier = threading.Barrier(2, timeout=30)
     outcome: dict[int, BaseException | None] = {}
+    states = {seed: _state(seed) for seed in (1, 2)}  # built here: torch's global RNG is not per thread
 
     def writer(seed: int) -> None:
         ckpt = rk.Checkpointer(url, storage_options=gcs.storage_options)
         barrier.wait()
         try:
-            ckpt.save(_state(seed), step=1)
+            ckpt.save(states[seed], step=1)
             outcome[seed] = None
         except BaseException as exc:
             outcome[seed] = exc
