@@ -28,7 +28,7 @@ from typing import Any, Optional, TypeVar
 
 import crc32c
 
-from ._manifest import MANIFEST, parse_step_dir
+from ._manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir
 from .errors import CommitConflictError, ResumeKitError, StorageError
 
 __all__ = [
@@ -536,11 +536,14 @@ def find_orphans(fs: Any, root: str, grace_seconds: float, *, now: Optional[floa
         if parse_step_dir(child.rsplit("/", 1)[-1]) is None:
             continue
         try:
-            manifest = fs.cat_file(f"{child}/{MANIFEST}")
+            # Bounded like every manifest read: a hostile object of any size is never read whole.
+            manifest = fs.cat_file(f"{child}/{MANIFEST}", start=0, end=MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             if old_enough(child):
                 orphans.append(child)
             continue
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            continue  # not a manifest resumekit wrote: restore reports it; cleanup must not guess
         try:
             referenced = {p.split("/", 1)[0] for p in json.loads(manifest)["files"]}
         except (ValueError, KeyError, TypeError, AttributeError):
