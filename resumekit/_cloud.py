@@ -21,14 +21,14 @@ import importlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional, TypeVar
 
 import crc32c
 
-from ._manifest import MANIFEST, parse_step_dir
+from ._manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir
 from .errors import CommitConflictError, ResumeKitError, StorageError
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "retry_call",
     "s3_default_options",
     "single_retry_layer",
+    "storage_boundary",
+    "to_storage_error",
 ]
 
 T = TypeVar("T")
@@ -209,6 +211,70 @@ def _storage_error(exc: BaseException, what: str, attempts: int) -> StorageError
         "network, then retry. Checkpoints already committed are intact.",
     )
     return err
+
+
+# Top-level packages whose exceptions mean "the store or the path to it failed": the clients under fsspec
+# (botocore, aiohttp, google-auth, requests...) raise their own classes, outside OSError. Names, not
+# classes, for the same reason as _TRANSIENT_NAMES.
+_TRANSPORT_PACKAGES = frozenset(
+    {
+        "aiobotocore",
+        "aiohttp",
+        "botocore",
+        "boto3",
+        "fsspec",
+        "gcsfs",
+        "google",
+        "http",
+        "requests",
+        "s3fs",
+        "socket",
+        "ssl",
+        "urllib3",
+    }
+)
+
+
+def _is_transport_failure(exc: BaseException) -> bool:
+    if isinstance(exc, ResumeKitError):
+        return False
+    if isinstance(exc, (OSError, asyncio.TimeoutError)) or is_transient(exc):
+        return True
+    return any(c.__module__.split(".", 1)[0] in _TRANSPORT_PACKAGES for c in type(exc).__mro__[:-2])
+
+
+def to_storage_error(exc: BaseException, what: str) -> BaseException:
+    """``exc`` as resumekit reports it at the storage boundary.
+
+    A failure of the store or of the way to it (an ``OSError``, or any exception class of botocore,
+    aiohttp, google-auth, requests... such as ``EndpointConnectionError``) becomes a
+    :class:`StorageError` naming ``what`` failed, with ``exc`` as its ``__cause__`` and its ``errno``
+    when it has one. resumekit's own errors and programming errors (``TypeError``...) are returned
+    unchanged.
+    """
+    if not _is_transport_failure(exc):
+        return exc
+    number = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    err = StorageError(
+        number,
+        f"{what} failed: {type(exc).__name__}: {exc}. The store was unreachable or refused the request; "
+        "check the endpoint, credentials and network, then retry. Checkpoints already committed are intact.",
+    )
+    err.__cause__ = exc
+    return err
+
+
+@contextlib.contextmanager
+def storage_boundary(what: str) -> Iterator[None]:
+    """Raise every transport failure inside the block as :class:`StorageError` (see
+    :func:`to_storage_error`): the one place where the clients' own exception classes stop."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = to_storage_error(exc, what)
+        if mapped is exc:
+            raise
+        raise mapped from exc
 
 
 def retry_call(
@@ -470,11 +536,14 @@ def find_orphans(fs: Any, root: str, grace_seconds: float, *, now: Optional[floa
         if parse_step_dir(child.rsplit("/", 1)[-1]) is None:
             continue
         try:
-            manifest = fs.cat_file(f"{child}/{MANIFEST}")
+            # Bounded like every manifest read: a hostile object of any size is never read whole.
+            manifest = fs.cat_file(f"{child}/{MANIFEST}", start=0, end=MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             if old_enough(child):
                 orphans.append(child)
             continue
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            continue  # not a manifest resumekit wrote: restore reports it; cleanup must not guess
         try:
             referenced = {p.split("/", 1)[0] for p in json.loads(manifest)["files"]}
         except (ValueError, KeyError, TypeError, AttributeError):

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import torch
 
-from ._manifest import MANIFEST, parse_step_dir, step_dir
+from ._manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir, step_dir
+from ._safe_open import not_kind_message, open_checked
 from ._tensorfile import RangeReader
 from .errors import (
     CheckpointCorruptError,
@@ -238,25 +241,37 @@ class LocalStorage:
         return sorted(s for s in map(parse_step_dir, names) if s is not None)
 
     def _open_inside(self, step: int, relpath: str) -> int:
-        """Open a file of a step for reading, refusing symlinks and anything resolving outside the step."""
-        folder = os.path.realpath(self._step_path(step))
-        path = os.path.join(folder, relpath)
-        if os.path.commonpath([os.path.realpath(path), folder]) != folder:
+        """Open a regular file of a step for reading: never through a link, never blocking.
+
+        Every component below the root is checked with ``lstat`` before anything is opened: the step
+        folder and any folder inside it must be real folders, the file a regular file. A link, FIFO,
+        socket or device is refused without being opened (opening a FIFO blocks until a writer
+        appears); see :func:`resumekit._safe_open.open_checked`. The root itself may be a link: the
+        user chose it.
+
+        Raises:
+            FileNotFoundError: the step folder or the file does not exist.
+            UnsafeCheckpointError: a component is a link or not of the kind expected.
+        """
+        parts = relpath.split("/")
+        if any(p in ("", ".", "..") for p in parts):
             raise UnsafeCheckpointError(
-                f"'{path}' resolves outside its step folder (a symlink); refused without reading it."
+                f"'{relpath}' is not a plain relative path inside the step folder; refused without reading it."
             )
-        try:
-            return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UnsafeCheckpointError(f"'{path}' is a symlink; refused without following it.") from exc
-            raise
+        return open_checked(self.root, [step_dir(step), *parts])
 
     def read_manifest(self, step: int) -> bytes | None:
         path = self._step_path(step, MANIFEST)
         try:
             with os.fdopen(self._open_inside(step, MANIFEST), "rb") as f:
-                return f.read()
+                actual = os.fstat(f.fileno()).st_size
+                if actual > MAX_MANIFEST_BYTES:
+                    raise UnsafeCheckpointError(
+                        f"'{path}' is {actual} bytes, over the {MAX_MANIFEST_BYTES} a manifest may have; "
+                        "not read (resumekit never writes one that large)."
+                    )
+                data: bytes = f.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows meanwhile
+                return data
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -312,14 +327,23 @@ class LocalStorage:
         return _LocalStage(self.root, step, writer_id)
 
     def delete_step(self, step: int) -> None:
-        folder = self._step_path(step)
+        # Only what lives inside this root: a step entry that is a link (to another run's checkpoint,
+        # say) is refused, never followed, so nothing outside the root is ever deleted.
+        folder = os.path.join(self.root, step_dir(step))
         try:
+            mode = os.lstat(folder).st_mode
+            if not stat.S_ISDIR(mode):
+                raise UnsafeCheckpointError(not_kind_message(folder, mode, True) + " Not deleted.")
             os.unlink(os.path.join(folder, MANIFEST))
             _fsync_dir(folder)
         except FileNotFoundError:
             pass
         except OSError as exc:
+            if isinstance(exc, UnsafeCheckpointError):
+                raise
             raise _io_error(exc, "deleting", folder) from exc
+        # rmtree refuses a link at the top (no trailing slash here: "link/" would resolve it) and
+        # unlinks, never follows, the links inside.
         shutil.rmtree(folder, ignore_errors=True)
 
     def cleanup(self, grace_seconds: float) -> list[str]:
@@ -332,13 +356,16 @@ class LocalStorage:
         for name in names:
             path = os.path.join(self.root, name)
             is_tmp = name.startswith(_TMP_PREFIX)
-            is_debris = parse_step_dir(name) is not None and not os.path.exists(os.path.join(path, MANIFEST))
+            is_debris = parse_step_dir(name) is not None and not os.path.lexists(os.path.join(path, MANIFEST))
             if not (is_tmp or is_debris):
                 continue
             try:
-                age = now - os.stat(path).st_mtime
+                st = os.lstat(path)
             except OSError:
                 continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue  # a link or a file is not debris of ours: never followed, never deleted
+            age = now - st.st_mtime
             if age >= grace_seconds:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
@@ -383,31 +410,31 @@ class _FsspecStage:
 
     @contextlib.contextmanager
     def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
+        from ._cloud import storage_boundary
         from ._transfer import open_upload
 
         path = self.store._path(self.step, relpath)
-        try:
-            # Parallel multipart on S3; an upload whose body raises is aborted, never completed.
-            with open_upload(
+        # Parallel multipart on S3; an upload whose body raises is aborted, never completed.
+        with (
+            storage_boundary(f"writing '{path}'"),
+            open_upload(
                 self.store.fs, path, max_concurrency=max(1, _REQUESTS_IN_FLIGHT // self.parallel_files)
-            ) as f:
-                yield f
-        except OSError as exc:
-            raise _io_error(exc, "writing", path) from exc
+            ) as f,
+        ):
+            yield f
 
     def commit(self, manifest: bytes) -> None:
         path = self.store._path(self.step, MANIFEST)
-        from ._cloud import put_if_absent
+        from ._cloud import put_if_absent, storage_boundary
 
         try:
-            put_if_absent(self.store.fs, path, manifest)
-        except CommitConflictError:
-            raise
-        except OSError as exc:
+            with storage_boundary(f"committing '{path}'"):
+                put_if_absent(self.store.fs, path, manifest)
+        except StorageError:
             # Every answer was lost: the PUT may still have landed. Ours (byte for byte) means committed.
             if self._committed_by_us(manifest):
                 return
-            raise _io_error(exc, "committing", path) from exc
+            raise
 
     def _committed_by_us(self, manifest: bytes | None = None) -> bool | None:
         """True when the step's manifest is ours, False when it is absent or another writer's, None
@@ -430,6 +457,26 @@ class _FsspecStage:
             return
         with contextlib.suppress(Exception):
             self.store.fs.rm(self.store._path(self.step, self.data_prefix), recursive=True)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _at_boundary(what: str) -> Callable[[_F], _F]:
+    """Decorate a :class:`FsspecStorage` method: a transport failure (botocore's, aiohttp's...) leaves
+    it as :class:`StorageError` (see :func:`resumekit._cloud.to_storage_error`)."""
+
+    def wrap(method: _F) -> _F:
+        @functools.wraps(method)
+        def inner(self: FsspecStorage, *args: Any, **kwargs: Any) -> Any:
+            from ._cloud import storage_boundary
+
+            with storage_boundary(f"{what} in '{self.url}'"):
+                return method(self, *args, **kwargs)
+
+        return cast(_F, inner)
+
+    return wrap
 
 
 class FsspecStorage:
@@ -455,6 +502,7 @@ class FsspecStorage:
     def _path(self, step: int, relpath: str = "") -> str:
         return f"{self.root}/{step_dir(step)}/{relpath}" if relpath else f"{self.root}/{step_dir(step)}"
 
+    @_at_boundary("listing steps")
     def step_candidates(self) -> list[int]:
         try:
             names = self.fs.ls(self.root, detail=False, refresh=True)
@@ -466,46 +514,60 @@ class FsspecStorage:
             s for s in (parse_step_dir(n.rstrip("/").rsplit("/", 1)[-1]) for n in names) if s is not None
         )
 
+    @_at_boundary("reading a manifest")
     def read_manifest(self, step: int) -> bytes | None:
         from ._cloud import is_body_fault, retry_call
 
         path = self._path(step, MANIFEST)
         try:
-            # botocore retried the request; a body cut short is re-read here (one retry layer).
+            # botocore retried the request; a body cut short is re-read here (one retry layer). One
+            # byte over the limit is asked for, never the whole of an object of any size.
             data: bytes = retry_call(
-                lambda: self.fs.cat_file(path), what=f"reading '{path}'", retry_if=is_body_fault
+                lambda: self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1),
+                what=f"reading '{path}'",
+                retry_if=is_body_fault,
             )
-            return data
         except FileNotFoundError:
             return None
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise UnsafeCheckpointError(
+                f"'{path}' is over the {MAX_MANIFEST_BYTES} bytes a manifest may have; not read further "
+                "(resumekit never writes one that large)."
+            )
+        return data
 
+    @_at_boundary("reading a file")
     def read_file(self, step: int, relpath: str, size: int) -> Buffer:
         from ._transfer import download_into
 
-        # Parallel ranged GETs straight into one buffer; a size mismatch or missing object is
-        # reported as CheckpointCorruptError naming the path.
-        buf: Buffer = download_into(self.fs, self._path(step, relpath), size, out=new_buffer(size)).buffer
+        # Parallel ranged GETs straight into one buffer, allocated only once the object's real size
+        # matched the manifest's (a hostile size never reaches the allocator); a mismatch or a missing
+        # object is reported as CheckpointCorruptError naming the path.
+        buf: Buffer = download_into(self.fs, self._path(step, relpath), size, alloc=new_buffer).buffer
         return buf
 
+    @_at_boundary("reading files")
     def fetch_files(self, step: int, files: list[tuple[str, int]]) -> list[Future[Download]]:
         """Start reading several files of ``step`` at once (one budget of ranged GETs in flight for all);
         each future gives the file's bytes and their crc32c, computed as the ranges arrived."""
         from ._transfer import download_many
 
         return download_many(
-            self.fs, [(self._path(step, rel), size, new_buffer(size)) for rel, size in files]
+            self.fs, [(self._path(step, rel), size, None) for rel, size in files], alloc=new_buffer
         )
 
     def stage(self, step: int, writer_id: str) -> Stage:
         # As LocalStorage.stage: the create-only manifest PUT is the guard against a racing writer.
         return _FsspecStage(self, step, writer_id)
 
+    @_at_boundary("deleting a step")
     def delete_step(self, step: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(step, MANIFEST))
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(step), recursive=True)
 
+    @_at_boundary("cleaning up")
     def cleanup(self, grace_seconds: float) -> list[str]:
         from ._cloud import abort_stale_uploads, find_orphans
 

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import crc32c
 
-from ._cloud import _DEFAULT_POLICY, RetryPolicy, _kind, _retry_async, is_body_fault
-from .errors import CheckpointCorruptError, StorageError
+from ._cloud import _DEFAULT_POLICY, RetryPolicy, _kind, _retry_async, is_body_fault, to_storage_error
+from .errors import CheckpointCorruptError
 
 __all__ = ["S3_MIN_PART", "Download", "S3ParallelWriter", "download_into", "download_many", "open_upload"]
 
@@ -193,29 +193,34 @@ def download_into(
     part_size: int = 32 << 20,
     max_concurrency: int = 8,
     policy: RetryPolicy = _DEFAULT_POLICY,
+    alloc: Callable[[int], Any] = bytearray,
 ) -> Download:
     """Read ``path`` (expected to be ``size`` bytes) into ``out`` with parallel ranged GETs.
 
     Each range lands directly at its offset in ``out`` (a writable buffer of ``size`` bytes, e.g. a
-    ``bytearray`` or a tensor's memory; allocated if None). Transient memory is at most
-    ``max_concurrency`` ranges of ``part_size`` bytes, not a second copy of the file. The crc32c is
-    extended over each range as soon as every range before it is in, while the bytes are still hot.
-    Ranges whose body is cut short are retried under ``policy``.
+    ``bytearray`` or a tensor's memory). Without ``out``, ``alloc(size)`` provides it, and only after
+    the object's real size was read from the store and found equal to ``size``: a size taken from a
+    manifest is untrusted, and a hostile one (64 TiB) must never reach an allocator. Transient memory
+    is at most ``max_concurrency`` ranges of ``part_size`` bytes, not a second copy of the file. The
+    crc32c is extended over each range as soon as every range before it is in, while the bytes are
+    still hot. Ranges whose body is cut short are retried under ``policy``.
 
     Raises:
-        CheckpointCorruptError: the object is missing or its size is not ``size``.
-        StorageError: a range could not be read within the retry budget.
+        CheckpointCorruptError: the object is missing, not a file, or its size is not ``size``.
+        StorageError: a range could not be read within the retry budget, or the store failed.
     """
-    if out is None:
-        out = bytearray(size)
-    view = _view_of(out, size)
     if getattr(fs, "async_impl", False):
         from fsspec.asyn import sync
 
-        crc: int = sync(fs.loop, _download_file_async, fs, path, view, part_size, max_concurrency, policy)
-        return Download(out, crc)
+        got: Download = sync(
+            fs.loop, _fetch_async, fs, path, size, out, alloc, part_size, max_concurrency, policy
+        )
+        return got
     with _storage_errors(path):
-        _check_size(path, size, fs.size(path))
+        _check_size(path, size, _real_size(path, fs.info(path)))
+        if out is None:
+            out = alloc(size)
+        view = _view_of(out, size)
         crc = 0
         with fs.open(path, "rb") as f:
             for start in range(0, size, part_size):
@@ -235,19 +240,21 @@ def download_many(
     part_size: int = 32 << 20,
     max_concurrency: int = 8,
     policy: RetryPolicy = _DEFAULT_POLICY,
+    alloc: Callable[[int], Any] = bytearray,
 ) -> list[concurrent.futures.Future[Download]]:
     """Start reading several objects at once; one future per ``(path, size, out)``, in order.
 
     The ranged GETs of every file share one budget of ``max_concurrency`` requests in flight, so the
     store stays busy until the last byte of the last file (files fetched one after the other, or each
     with its own budget, leave it half idle at every file's tail). Each file's crc32c is computed as its
-    ranges arrive. A filesystem without an async implementation reads the files one after another in a
-    background thread. Cancelling a future stops that file's remaining ranges.
+    ranges arrive. An ``out`` of None is allocated with ``alloc`` once the object's real size matched
+    (see :func:`download_into`). A filesystem without an async implementation reads the files one after
+    another in a background thread. Cancelling a future stops that file's remaining ranges.
     """
     if not getattr(fs, "async_impl", False):
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumekit-fetch")
         futures = [
-            pool.submit(download_into, fs, path, size, out, part_size=part_size, policy=policy)
+            pool.submit(download_into, fs, path, size, out, part_size=part_size, policy=policy, alloc=alloc)
             for path, size, out in files
         ]
         pool.shutdown(wait=False)
@@ -256,13 +263,12 @@ def download_many(
     async def make_limiter() -> asyncio.Semaphore:
         return asyncio.Semaphore(max_concurrency)  # created on the loop that will use it
 
-    async def one(path: str, size: int, out: Any, limiter: asyncio.Semaphore) -> Download:
-        crc = await _download_file_async(fs, path, _view_of(out, size), part_size, limiter, policy)
-        return Download(out, crc)
-
     limiter = asyncio.run_coroutine_threadsafe(make_limiter(), fs.loop).result()
     return [
-        asyncio.run_coroutine_threadsafe(one(path, size, out, limiter), fs.loop) for path, size, out in files
+        asyncio.run_coroutine_threadsafe(
+            _fetch_async(fs, path, size, out, alloc, part_size, limiter, policy), fs.loop
+        )
+        for path, size, out in files
     ]
 
 
@@ -289,20 +295,58 @@ def _check_size(path: str, expected: int, actual: int) -> None:
         )
 
 
+def _real_size(path: str, info: Any) -> int:
+    """The size the store reports for ``path``; anything but a file with a size is corruption."""
+    if not isinstance(info, dict) or info.get("type", "file") != "file":
+        raise CheckpointCorruptError(
+            f"'{path}' is not a file in the store (a folder?); the manifest lists it."
+        )
+    size = info.get("size")
+    if type(size) is not int or size < 0:
+        raise CheckpointCorruptError(f"'{path}': the store reports no usable size ({size!r}).")
+    return size
+
+
 @contextlib.contextmanager
 def _storage_errors(path: str) -> Any:
-    """Report a missing object, or one the store's own checksum keeps refusing, as corruption."""
+    """Report a missing object, or one the store's own checksum keeps refusing, as corruption; any other
+    failure of the store as :class:`StorageError` (see :func:`resumekit._cloud.to_storage_error`)."""
     try:
         yield
     except FileNotFoundError as exc:
         raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
-    except StorageError as exc:
+    except Exception as exc:
         if _checksum_failed(exc):
             raise CheckpointCorruptError(
                 f"'{path}': the store's own checksum of the data failed on every attempt; the stored object "
                 "is corrupt."
             ) from exc
-        raise
+        mapped = to_storage_error(exc, f"reading '{path}'")
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+async def _fetch_async(
+    fs: Any,
+    path: str,
+    size: int,
+    out: Any,
+    alloc: Callable[[int], Any],
+    part_size: int,
+    limit: int | asyncio.Semaphore,
+    policy: RetryPolicy,
+) -> Download:
+    """One object into ``out``, or into memory from ``alloc`` once its real size is known to match."""
+    checked = False
+    if out is None:
+        with _storage_errors(path):
+            _check_size(path, size, _real_size(path, await fs._info(path)))
+        out, checked = alloc(size), True
+    crc = await _download_file_async(
+        fs, path, _view_of(out, size), part_size, limit, policy, stat=not checked
+    )
+    return Download(out, crc)
 
 
 async def _download_file_async(
@@ -312,13 +356,15 @@ async def _download_file_async(
     part_size: int,
     limit: int | asyncio.Semaphore,
     policy: RetryPolicy,
+    *,
+    stat: bool = True,
 ) -> int:
     size = len(view)
     ranges = _ranges(size, part_size)
     sem = limit if isinstance(limit, asyncio.Semaphore) else asyncio.Semaphore(limit)
     with _storage_errors(path):
         return await _download_async(
-            fs, path, view, ranges, sem, policy, lambda actual: _check_size(path, size, actual)
+            fs, path, view, ranges, sem, policy, lambda actual: _check_size(path, size, actual), stat
         )
 
 
@@ -339,6 +385,7 @@ async def _download_async(
     sem: asyncio.Semaphore,
     policy: RetryPolicy,
     check_size: Callable[[int], None],
+    stat: bool = True,
 ) -> int:
     done = [False] * len(ranges)
     state = {"next": 0, "crc": 0}
@@ -366,13 +413,13 @@ async def _download_async(
             state["crc"] = crc32c.crc32c(view[s:e], state["crc"])
             state["next"] += 1
 
-    async def stat() -> None:
-        info = await fs._info(path)
-        check_size(int(info["size"]))
+    async def check_stat() -> None:
+        check_size(_real_size(path, await fs._info(path)))
 
-    tasks = [asyncio.ensure_future(stat())] + [
-        asyncio.ensure_future(read_range(i)) for i in range(len(ranges))
-    ]
+    # A caller's own buffer of the expected size needs no size check before the reads start: the stat
+    # runs alongside them.
+    tasks = [asyncio.ensure_future(check_stat())] if stat else []
+    tasks += [asyncio.ensure_future(read_range(i)) for i in range(len(ranges))]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

@@ -155,14 +155,23 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Committed steps, ascending (those with a manifest; not yet verified)."""
-        return [s for s in self._storage.step_candidates() if self._storage.read_manifest(s) is not None]
+        return [s for s in self._storage.step_candidates() if self._committed(s)]
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None when there is none."""
         for s in reversed(self._storage.step_candidates()):
-            if self._storage.read_manifest(s) is not None:
+            if self._committed(s):
                 return s
         return None
+
+    def _committed(self, step: int) -> bool:
+        # A step whose manifest the storage refuses to read (a link out of the root, a FIFO, an absurd
+        # size) is no checkpoint of this root: not listed, so retention never touches it; restore names
+        # it when it skips it.
+        try:
+            return self._storage.read_manifest(step) is not None
+        except (CheckpointCorruptError, UnsafeCheckpointError):
+            return False
 
     # -- save ---------------------------------------------------------------------------------------
 

