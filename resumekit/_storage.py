@@ -584,6 +584,7 @@ class FsspecStorage:
 
     # -- for read-only tools (the command line) ---------------------------------------------------------
 
+    @_at_boundary("opening a file")
     def open_read(self, step: int, relpath: str) -> IO[bytes]:
         """A step's object opened for streaming and ranged reads."""
         f: IO[bytes] = self.fs.open(self._path(step, relpath), "rb")

@@ -31,7 +31,7 @@ from ._restore import read_newest
 from ._save import Snapshot, take_snapshot, write
 from ._storage import Storage, open_storage
 from .drift import DriftPolicy, DriftReport, compare
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 
 __all__ = ["CheckpointInfo", "Checkpointer", "RestoreResult"]
 
