@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 from resumekit import DriftPolicy
 from resumekit.errors import StateMismatchError
@@ -80,7 +81,39 @@ class ResumeKit(Callback):
     # ------------------------------------------------------------------------------------------ wiring
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Install the CheckpointIO (before Lightning restores anything) and record the run's facts."""
+        """Install the CheckpointIO (before Lightning restores anything) and record the run's facts.
+
+        Raises:
+            ValueError: The Trainer has another CheckpointIO, or a process-spawning strategy
+                (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) runs without ``plugins=[rk.checkpoint_io]``.
+        """
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not isinstance(
+            trainer.strategy.checkpoint_io, ResumeKitCheckpointIO
+        ):
+            # The worker saves the final weights with its CheckpointIO and the main process reads them
+            # with its own, where no callback hook runs: only a plugin given to the Trainer is in both.
+            raise ValueError(
+                f"ResumeKit: strategy {type(trainer.strategy).__name__} with a process-spawning launcher "
+                "(ddp_spawn, ddp_fork, ddp_notebook) hands the final weights from the worker to the main process "
+                "through the Trainer's CheckpointIO, and the main process runs no callback hook to install "
+                "resumekit's, so it would fail reading them at the end of fit. Give the callback's CheckpointIO "
+                "to the Trainer too: rk = ResumeKit(...); Trainer(callbacks=[rk], plugins=[rk.checkpoint_io], "
+                "...), or use strategy='ddp'."
+            )
+        self._install(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Install the CheckpointIO if ``setup`` has not run yet (a ``trainer.save_checkpoint`` before ``fit``).
+
+        Lightning calls this hook while building the checkpoint dict, before it hands the dict to the
+        strategy's CheckpointIO, so the save that follows is resumekit's and no pickle is written.
+        """
+        if not isinstance(trainer.strategy.checkpoint_io, ResumeKitCheckpointIO):
+            self._install(trainer)
+
+    def _install(self, trainer: pl.Trainer) -> None:
         current = trainer.strategy.checkpoint_io
         if isinstance(current, ResumeKitCheckpointIO):
             self.checkpoint_io = current
