@@ -1,0 +1,205 @@
+"""Issue 18: call orders and strategies Lightning's own tests exercise beyond a plain ``fit``.
+
+``save_last="link"`` with a changing last name, ``trainer.save_checkpoint`` before ``fit``,
+``fit(ckpt_path=<missing>)`` and ``load_from_checkpoint`` on a checkpoint folder. ``ddp_spawn`` has
+its own file (test_lightning_spawn.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("lightning")
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from resumekit.errors import CheckpointNotFoundError, UnsafeCheckpointError
+from resumekit_lightning import ResumeKit, ResumeKitCheckpointIO, load_checkpoint, load_from_checkpoint
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120)]
+
+
+class Lit(pl.LightningModule):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> Any:
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+
+
+def _trainer(tmp: Path, callbacks: list[Any], **kw: Any) -> pl.Trainer:
+    kw.setdefault("max_epochs", 3)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp,
+        callbacks=callbacks,
+        **kw,
+    )
+
+
+def _fit(trainer: pl.Trainer, model: pl.LightningModule, **kw: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stateless loader, few workers: not what these tests look at
+        trainer.fit(model, **kw)
+
+
+def _assert_no_pickle(root: Path) -> None:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        assert path.suffix in (".json", ".safetensors"), path
+        assert not path.read_bytes().startswith(b"\x80"), f"{path} looks like a pickle"
+
+
+# ------------------------------------------------------------------------ save_last="link", changing name
+
+
+def test_link_last_with_a_changing_name_leaves_no_hidden_links(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    mc = ModelCheckpoint(dirpath=folder, save_last="link", every_n_epochs=1, save_top_k=1)
+    mc.CHECKPOINT_NAME_LAST = "last-{epoch}"
+    trainer = _trainer(tmp_path, [ResumeKit(), mc])
+    _fit(trainer, Lit())
+    names = sorted(p.name for p in folder.iterdir())
+    # One top-k folder and one link to it; every older link and folder is gone, hidden debris included.
+    assert names == ["epoch=2-step=12.ckpt", "last-epoch=2.ckpt"], names
+    link = folder / "last-epoch=2.ckpt"
+    assert link.is_symlink()
+    assert load_checkpoint(link)["global_step"] == 12
+
+
+def test_removing_a_link_removes_the_link_only(tmp_path: Path) -> None:
+    io = ResumeKitCheckpointIO()
+    target = tmp_path / "epoch=0-step=4.ckpt"
+    io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(2)}}, target)
+    link = tmp_path / "last.ckpt"
+    link.symlink_to(target.name)
+    dangling = tmp_path / "last-v1.ckpt"
+    dangling.symlink_to("gone.ckpt")
+
+    io.remove_checkpoint(link)
+    io.remove_checkpoint(dangling)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert load_checkpoint(target)["global_step"] == 4
+
+
+def test_a_hidden_link_left_by_a_killed_removal_is_cleaned_by_the_next_save(tmp_path: Path) -> None:
+    io = ResumeKitCheckpointIO()
+    target = tmp_path / "epoch=0-step=4.ckpt"
+    io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(2)}}, target)
+    (tmp_path / ".last-epoch=0.ckpt.deleting-0123abcd").symlink_to(target.name)
+
+    io.save_checkpoint({"global_step": 8, "state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, "last.ckpt"]
+    assert load_checkpoint(target)["global_step"] == 4  # the link went, not what it pointed to
+
+
+# ------------------------------------------------------------------------ save_checkpoint before fit
+
+
+@pytest.mark.parametrize("plugin", [False, True], ids=["callback", "callback+plugin"])
+def test_save_checkpoint_before_fit_writes_no_pickle(tmp_path: Path, plugin: bool) -> None:
+    rk = ResumeKit()
+    trainer = _trainer(tmp_path, [rk], plugins=[rk.checkpoint_io] if plugin else None)
+    model = Lit(width=5)
+    trainer.strategy.connect(model)  # attached, no setup hook yet: what Lightning's own tests do
+    path = tmp_path / "early.ckpt"
+    trainer.save_checkpoint(path)
+    assert path.is_dir()
+    _assert_no_pickle(path)
+    assert trainer.strategy.checkpoint_io is rk.checkpoint_io
+
+    resumed = Lit(width=5)
+    _fit(_trainer(tmp_path, [ResumeKit()], max_epochs=1), resumed, ckpt_path=path)
+    assert resumed.hparams["width"] == 5
+
+
+def test_weights_only_save_before_fit_is_resumekits_with_the_plugin(tmp_path: Path) -> None:
+    # Lightning calls no callback hook for a weights-only save: only the plugin covers it.
+    rk = ResumeKit()
+    trainer = _trainer(tmp_path, [rk], plugins=[rk.checkpoint_io])
+    model = Lit()
+    trainer.strategy.connect(model)
+    path = tmp_path / "weights.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    _assert_no_pickle(path)
+    got = load_checkpoint(path)
+    assert "optimizer_states" not in got
+    for name, value in model.state_dict().items():
+        assert torch.equal(got["state_dict"][name], value), name
+
+
+# ------------------------------------------------------------------------ fit(ckpt_path=<missing>)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty folder"])
+def test_missing_checkpoint_keeps_lightnings_wording(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "nothing.ckpt"
+    if kind == "empty folder":
+        path.mkdir()
+    model = Lit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match="Checkpoint file not found") as info:
+        _fit(_trainer(tmp_path, [ResumeKit()]), model, ckpt_path=path)
+    assert isinstance(info.value, CheckpointNotFoundError)
+    assert str(path) in str(info.value)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+# ------------------------------------------------------------------------ load_from_checkpoint
+
+
+def test_load_from_checkpoint_builds_the_module_from_a_folder(tmp_path: Path) -> None:
+    mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trained = Lit(width=6)
+    _fit(_trainer(tmp_path, [ResumeKit(), mc], max_epochs=1), trained)
+    path = tmp_path / "ckpt" / "last.ckpt"
+
+    # Lightning's own method reads files only; it cannot open the folder.
+    with pytest.raises(IsADirectoryError):
+        Lit.load_from_checkpoint(path)
+
+    model = load_from_checkpoint(Lit, path)
+    assert isinstance(model, Lit) and model.hparams["width"] == 6
+    assert load_from_checkpoint(Lit, path, map_location="cpu").net[0].weight.device.type == "cpu"
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+    # kwargs override the saved hyper-parameters, as in Lightning (here into a shape the weights do not fit).
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_from_checkpoint(Lit, path, width=7)
+    with pytest.raises(TypeError, match="map_location"):
+        load_from_checkpoint(Lit, path, map_location={"cuda:0": "cpu"})  # type: ignore[arg-type]
+
+
+def test_load_from_checkpoint_refuses_a_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "lightning.ckpt"
+    path.write_bytes(b"\x80\x04not really")
+    with pytest.raises(UnsafeCheckpointError, match="not a resumekit checkpoint folder"):
+        load_from_checkpoint(Lit, path)
