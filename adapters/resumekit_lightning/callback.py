@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 from resumekit import DriftPolicy
@@ -84,7 +85,8 @@ class ResumeKit(Callback):
         """Install the CheckpointIO (before Lightning restores anything) and record the run's facts.
 
         Raises:
-            ValueError: The Trainer has another CheckpointIO, or a process-spawning strategy
+            ValueError: The Trainer has another CheckpointIO; the strategy writes its checkpoints without
+                the CheckpointIO (FSDP, DeepSpeed, ModelParallel); or a process-spawning strategy
                 (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) runs without ``plugins=[rk.checkpoint_io]``.
         """
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not isinstance(
@@ -109,11 +111,21 @@ class ResumeKit(Callback):
 
         Lightning calls this hook while building the checkpoint dict, before it hands the dict to the
         strategy's CheckpointIO, so the save that follows is resumekit's and no pickle is written.
+
+        Raises:
+            ValueError: As :meth:`setup`, before Lightning writes anything.
         """
         if not isinstance(trainer.strategy.checkpoint_io, ResumeKitCheckpointIO):
             self._install(trainer)
+        else:
+            refusal = unsupported_strategy(trainer.strategy)
+            if refusal is not None:
+                raise ValueError(refusal)
 
     def _install(self, trainer: pl.Trainer) -> None:
+        refusal = unsupported_strategy(trainer.strategy)
+        if refusal is not None:
+            raise ValueError(refusal)
         current = trainer.strategy.checkpoint_io
         if isinstance(current, ResumeKitCheckpointIO):
             self.checkpoint_io = current
@@ -212,6 +224,26 @@ class ResumeKit(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def unsupported_strategy(strategy: Strategy) -> str | None:
+    """Why resumekit cannot write ``strategy``'s checkpoints, or None when it can.
+
+    These strategies save and load checkpoints themselves (torch.distributed.checkpoint shards, a
+    ``torch.save`` of the metadata, DeepSpeed's engine) instead of handing one dict to the CheckpointIO,
+    so a resumekit CheckpointIO is bypassed or meets a folder it did not expect.
+
+    Args:
+        strategy: The Trainer's strategy.
+    """
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        return (
+            f"ResumeKit: the strategy {type(strategy).__name__} writes and reads its checkpoints itself "
+            "(torch.distributed.checkpoint shards with a torch.save pickle, or DeepSpeed's engine), not "
+            "through the Trainer's CheckpointIO, so resumekit can make them neither atomic nor pickle-free. "
+            "Remove ResumeKit from the callbacks for this strategy, or train with strategy='ddp'."
+        )
+    return None
 
 
 def _collective_device() -> torch.device:

@@ -17,12 +17,20 @@ pytest.importorskip("lightning")
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from resumekit.errors import CheckpointNotFoundError, UnsafeCheckpointError
+from resumekit.errors import CheckpointNotFoundError, CommitConflictError, UnsafeCheckpointError
 from resumekit_lightning import ResumeKit, ResumeKitCheckpointIO, load_checkpoint, load_from_checkpoint
+from resumekit_lightning.callback import unsupported_strategy
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120)]
 
@@ -47,9 +55,9 @@ class Lit(pl.LightningModule):
 
 def _trainer(tmp: Path, callbacks: list[Any], **kw: Any) -> pl.Trainer:
     kw.setdefault("max_epochs", 3)
+    kw.setdefault("devices", 1)
     return pl.Trainer(
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -117,6 +125,29 @@ def test_a_hidden_link_left_by_a_killed_removal_is_cleaned_by_the_next_save(tmp_
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name, "last.ckpt"]
     assert load_checkpoint(target)["global_step"] == 4  # the link went, not what it pointed to
+
+
+def test_a_first_save_never_replaces_a_folder_that_appeared_meanwhile(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+
+    class Racing(ResumeKitCheckpointIO):
+        """Another writer creates the path between this save's commit and its publishing rename."""
+
+        def _checkpointer(self, url: str, storage_options: Any, keep_last: int | None = None) -> Any:
+            inner = super()._checkpointer(url, storage_options, keep_last)
+
+            class Save:
+                def save(self, entries: Any, *, step: int) -> Any:
+                    info = inner.save(entries, step=step)
+                    path.mkdir()
+                    return info
+
+            return Save()
+
+    with pytest.raises(CommitConflictError, match="already exists"):
+        Racing().save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(2)}}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no hidden staging left
+    assert list(path.iterdir()) == []  # the other writer's folder, untouched
 
 
 # ------------------------------------------------------------------------ save_checkpoint before fit
@@ -203,3 +234,42 @@ def test_load_from_checkpoint_refuses_a_pickle(tmp_path: Path) -> None:
     path.write_bytes(b"\x80\x04not really")
     with pytest.raises(UnsafeCheckpointError, match="not a resumekit checkpoint folder"):
         load_from_checkpoint(Lit, path)
+
+
+# ------------------------------------------------------------------------ strategies
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_spawning_strategies_need_the_plugin(tmp_path: Path, strategy: str) -> None:
+    # The hook the workers run, called here directly: no process is started (test_lightning_spawn.py
+    # runs the real thing).
+    rk = ResumeKit()
+    trainer = _trainer(tmp_path, [rk], strategy=strategy, devices=2)
+    with pytest.raises(ValueError, match=r"plugins=\[rk\.checkpoint_io\]"):
+        rk.setup(trainer, Lit(), "fit")
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO  # nothing installed
+
+    rk = ResumeKit()
+    trainer = _trainer(tmp_path, [rk], strategy=strategy, devices=2, plugins=[rk.checkpoint_io])
+    rk.setup(trainer, Lit(), "fit")
+    assert trainer.strategy.checkpoint_io is rk.checkpoint_io
+
+
+def test_model_parallel_strategy_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    rk = ResumeKit()
+    trainer = _trainer(tmp_path, [rk], strategy=ModelParallelStrategy())
+    with pytest.raises(ValueError, match="writes and reads its checkpoints itself"):
+        rk.setup(trainer, Lit(), "fit")
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+
+    trainer.strategy.connect(Lit())
+    with pytest.raises(ValueError, match="writes and reads its checkpoints itself"):
+        trainer.save_checkpoint(tmp_path / "early.ckpt")  # refused in on_save_checkpoint, before the write
+    assert list(tmp_path.glob("*.ckpt")) == []
+
+
+def test_fsdp_and_deepspeed_are_refused() -> None:
+    # Neither builds a Trainer here (FSDP needs CUDA, DeepSpeed its package): the check sees the class.
+    assert unsupported_strategy(FSDPStrategy()) is not None
+    assert unsupported_strategy(object.__new__(DeepSpeedStrategy)) is not None
+    assert unsupported_strategy(SingleDeviceStrategy("cpu")) is None
