@@ -46,6 +46,11 @@ class ResumeKit(Callback):
     Resume with Lightning's own ``trainer.fit(model, ckpt_path="last")`` (with
     ``ModelCheckpoint(save_last=True)``); on a fresh directory that starts from scratch.
 
+    The callback installs its CheckpointIO at ``setup`` (or at a ``trainer.save_checkpoint`` before
+    ``fit``). Where Lightning runs no callback hook (the main process of ``ddp_spawn``, a weights-only
+    save before ``setup``) the Trainer needs it as a plugin as well:
+    ``rk = ResumeKit(); Trainer(callbacks=[rk], plugins=[rk.checkpoint_io])``.
+
     Args:
         config: The run's configuration (JSON-serialisable), compared with the checkpoint's on load.
         drift_policy: Severity per drift key (``"config.batch_size"``, ``"env.torch"``, ...).

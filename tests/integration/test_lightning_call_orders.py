@@ -185,6 +185,38 @@ def test_weights_only_save_before_fit_is_resumekits_with_the_plugin(tmp_path: Pa
         assert torch.equal(got["state_dict"][name], value), name
 
 
+class Evaluated(Lit):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0])
+
+    def val_dataloader(self) -> Any:
+        return self.train_dataloader()
+
+    test_dataloader = predict_dataloader = val_dataloader
+
+
+@pytest.mark.parametrize("entry", ["validate", "test", "predict", "fit"])
+def test_every_entry_point_of_a_fresh_trainer_reads_a_folder(tmp_path: Path, entry: str) -> None:
+    mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(_trainer(tmp_path, [ResumeKit(), mc], max_epochs=1), Evaluated())
+    saved = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["state_dict"]
+
+    model = Evaluated()
+    trainer = _trainer(tmp_path, [ResumeKit()], max_epochs=1)  # max_epochs reached: fit only restores
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        getattr(trainer, entry)(model, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert isinstance(trainer.strategy.checkpoint_io, ResumeKitCheckpointIO)
+    for name, value in saved.items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 # ------------------------------------------------------------------------ fit(ckpt_path=<missing>)
 
 
