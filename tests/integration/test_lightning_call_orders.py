@@ -85,15 +85,17 @@ def _assert_no_pickle(root: Path) -> None:
 # ------------------------------------------------------------------------ save_last="link", changing name
 
 
-def test_link_last_with_a_changing_name_leaves_no_hidden_links(tmp_path: Path) -> None:
+@pytest.mark.parametrize("top_k", [1, -1], ids=["targets-removed-first", "targets-kept"])
+def test_link_last_with_a_changing_name_leaves_no_hidden_links(tmp_path: Path, top_k: int) -> None:
     folder = tmp_path / "ckpt"
-    mc = ModelCheckpoint(dirpath=folder, save_last="link", every_n_epochs=1, save_top_k=1)
+    mc = ModelCheckpoint(dirpath=folder, save_last="link", every_n_epochs=1, save_top_k=top_k)
     mc.CHECKPOINT_NAME_LAST = "last-{epoch}"
     trainer = _trainer(tmp_path, [ResumeKit(), mc])
     _fit(trainer, Lit())
     names = sorted(p.name for p in folder.iterdir())
-    # One top-k folder and one link to it; every older link and folder is gone, hidden debris included.
-    assert names == ["epoch=2-step=12.ckpt", "last-epoch=2.ckpt"], names
+    kept = [f"epoch={e}-step={4 * (e + 1)}.ckpt" for e in range(3)][-1 if top_k == 1 else 0 :]
+    # The top-k folders and one link to the newest; every older link is gone, hidden debris included.
+    assert names == [*kept, "last-epoch=2.ckpt"], names
     link = folder / "last-epoch=2.ckpt"
     assert link.is_symlink()
     assert load_checkpoint(link)["global_step"] == 12
