@@ -39,7 +39,7 @@ from .errors import (
 if TYPE_CHECKING:
     from ._transfer import Download
 
-__all__ = ["Buffer", "LocalStorage", "Stage", "Storage", "new_buffer", "open_storage"]
+__all__ = ["Buffer", "LocalStorage", "Stage", "Storage", "new_buffer", "open_storage", "publish_folder"]
 
 #: The bytes of one checkpoint file in memory: a writable, uninitialised uint8 NumPy array (typed
 #: loosely: NumPy's stubs do not declare the buffer protocol that crc32c and torch.frombuffer use).
@@ -131,6 +131,34 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_folder(src: str, dst: str) -> None:
+    """Rename the complete folder ``src`` to the new name ``dst`` and make the rename durable.
+
+    For a caller that builds a whole checkpoint root under a hidden name with :class:`LocalStorage`'s
+    commit and then publishes it (the Lightning adapter's first save to a path): ``dst`` appears only
+    once it holds a committed step. If the parent's fsync fails the rename is undone, so a caller never
+    sees a folder whose publishing raised.
+
+    Raises:
+        CommitConflictError: ``dst`` already exists (another writer published it first).
+        StorageError: the rename or the fsync failed.
+    """
+    if os.path.lexists(dst):  # os.rename would silently replace an empty folder
+        raise CommitConflictError(f"'{dst}' already exists; this save is discarded.")
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise CommitConflictError(f"'{dst}' was created while this save was writing.") from exc
+        raise _io_error(exc, "publishing", dst) from exc
+    try:
+        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.rename(dst, src)
+        raise _io_error(exc, "publishing", dst) from exc
 
 
 class _LocalStage:

@@ -14,5 +14,6 @@ from __future__ import annotations
 from .callback import ResumeKit
 from .checkpoint_io import ResumeKitCheckpointIO, load_checkpoint
 from .loader import StatefulLoader
+from .saving import load_from_checkpoint
 
-__all__ = ["ResumeKit", "ResumeKitCheckpointIO", "StatefulLoader", "load_checkpoint"]
+__all__ = ["ResumeKit", "ResumeKitCheckpointIO", "StatefulLoader", "load_checkpoint", "load_from_checkpoint"]

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
 from resumekit import DriftPolicy
 from resumekit.errors import StateMismatchError
@@ -43,6 +45,11 @@ class ResumeKit(Callback):
 
     Resume with Lightning's own ``trainer.fit(model, ckpt_path="last")`` (with
     ``ModelCheckpoint(save_last=True)``); on a fresh directory that starts from scratch.
+
+    The callback installs its CheckpointIO at ``setup`` (or at a ``trainer.save_checkpoint`` before
+    ``fit``). Where Lightning runs no callback hook (the main process of ``ddp_spawn``, a weights-only
+    save before ``setup``) the Trainer needs it as a plugin as well:
+    ``rk = ResumeKit(); Trainer(callbacks=[rk], plugins=[rk.checkpoint_io])``.
 
     Args:
         config: The run's configuration (JSON-serialisable), compared with the checkpoint's on load.
@@ -80,7 +87,50 @@ class ResumeKit(Callback):
     # ------------------------------------------------------------------------------------------ wiring
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Install the CheckpointIO (before Lightning restores anything) and record the run's facts."""
+        """Install the CheckpointIO (before Lightning restores anything) and record the run's facts.
+
+        Raises:
+            ValueError: The Trainer has another CheckpointIO; the strategy writes its checkpoints without
+                the CheckpointIO (FSDP, DeepSpeed, ModelParallel); or a process-spawning strategy
+                (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) runs without ``plugins=[rk.checkpoint_io]``.
+        """
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not isinstance(
+            trainer.strategy.checkpoint_io, ResumeKitCheckpointIO
+        ):
+            # The worker saves the final weights with its CheckpointIO and the main process reads them
+            # with its own, where no callback hook runs: only a plugin given to the Trainer is in both.
+            raise ValueError(
+                f"ResumeKit: strategy {type(trainer.strategy).__name__} with a process-spawning launcher "
+                "(ddp_spawn, ddp_fork, ddp_notebook) hands the final weights from the worker to the main process "
+                "through the Trainer's CheckpointIO, and the main process runs no callback hook to install "
+                "resumekit's, so it would fail reading them at the end of fit. Give the callback's CheckpointIO "
+                "to the Trainer too: rk = ResumeKit(...); Trainer(callbacks=[rk], plugins=[rk.checkpoint_io], "
+                "...), or use strategy='ddp'."
+            )
+        self._install(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Install the CheckpointIO if ``setup`` has not run yet (a ``trainer.save_checkpoint`` before ``fit``).
+
+        Lightning calls this hook while building the checkpoint dict, before it hands the dict to the
+        strategy's CheckpointIO, so the save that follows is resumekit's and no pickle is written.
+
+        Raises:
+            ValueError: As :meth:`setup`, before Lightning writes anything.
+        """
+        if not isinstance(trainer.strategy.checkpoint_io, ResumeKitCheckpointIO):
+            self._install(trainer)
+        else:
+            refusal = unsupported_strategy(trainer.strategy)
+            if refusal is not None:
+                raise ValueError(refusal)
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        refusal = unsupported_strategy(trainer.strategy)
+        if refusal is not None:
+            raise ValueError(refusal)
         current = trainer.strategy.checkpoint_io
         if isinstance(current, ResumeKitCheckpointIO):
             self.checkpoint_io = current
@@ -179,6 +229,26 @@ class ResumeKit(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def unsupported_strategy(strategy: Strategy) -> str | None:
+    """Why resumekit cannot write ``strategy``'s checkpoints, or None when it can.
+
+    These strategies save and load checkpoints themselves (torch.distributed.checkpoint shards, a
+    ``torch.save`` of the metadata, DeepSpeed's engine) instead of handing one dict to the CheckpointIO,
+    so a resumekit CheckpointIO is bypassed or meets a folder it did not expect.
+
+    Args:
+        strategy: The Trainer's strategy.
+    """
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        return (
+            f"ResumeKit: the strategy {type(strategy).__name__} writes and reads its checkpoints itself "
+            "(torch.distributed.checkpoint shards with a torch.save pickle, or DeepSpeed's engine), not "
+            "through the Trainer's CheckpointIO, so resumekit can make them neither atomic nor pickle-free. "
+            "Remove ResumeKit from the callbacks for this strategy, or train with strategy='ddp'."
+        )
+    return None
 
 
 def _collective_device() -> torch.device:

@@ -14,6 +14,7 @@ Lightning calls ``save_checkpoint`` / ``remove_checkpoint`` on global rank 0 onl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 import resumekit
 from resumekit import Checkpointer, DriftPolicy, RestoreResult
+from resumekit._storage import publish_folder
 from resumekit.errors import CheckpointNotFoundError, StepExistsError, UnsafeCheckpointError
 
 from ._layout import ENTRY_NAMES, Holder, UnsupportedHparams, from_entries, to_entries
@@ -136,9 +138,11 @@ class ResumeKitCheckpointIO(CheckpointIO):
         holders = {name: Holder() for name in ENTRY_NAMES}
         result = ckpt.restore(holders, strict=False)
         if result is None:
+            # Starts with Lightning's own wording (TorchCheckpointIO), which user code matches on.
             raise CheckpointNotFoundError(
-                f"no committed resumekit checkpoint in '{url}' (the folder is missing or empty, or every save "
-                "to it was interrupted before its commit). Check the path, or start without ckpt_path."
+                f"Checkpoint file not found: {url} (no committed resumekit checkpoint there: the folder is "
+                "missing or empty, or every save to it was interrupted before its commit). Check the path, "
+                "or start without ckpt_path."
             )
         self.last_restore = result
         values = {name: h.value for name, h in holders.items() if name not in result.not_restored}
@@ -154,6 +158,11 @@ class ResumeKitCheckpointIO(CheckpointIO):
             path: A checkpoint folder (a file left by another CheckpointIO is removed as well).
         """
         fs, p = url_to_fs(_url(path), **(self.storage_options or {}))
+        if isinstance(fs, LocalFileSystem) and os.path.islink(p):
+            # A ``save_last="link"`` link (dangling or not): remove the link alone, never the checkpoint it
+            # points to, which Lightning tracks and removes under its own name.
+            os.unlink(p)
+            return
         fs.invalidate_cache(p)  # listings cached by an earlier call must not hide or invent files
         if not fs.exists(p):
             return
@@ -165,7 +174,7 @@ class ResumeKitCheckpointIO(CheckpointIO):
                 os.path.dirname(p), f".{os.path.basename(p)}.deleting-{uuid.uuid4().hex[:8]}"
             )
             os.rename(p, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _remove_path(doomed)
             return
         for manifest in fs.glob(f"{p.rstrip('/')}/*/manifest.json"):
             fs.rm(manifest)
@@ -188,16 +197,12 @@ class ResumeKitCheckpointIO(CheckpointIO):
         global_step = checkpoint.get("global_step", 0)
         step = global_step if type(global_step) is int and global_step >= 0 else 0
         try:
+            # Both steps are the core's: the step's commit inside the hidden root, then the root's rename.
             self._checkpointer(staging, storage_options).save(entries, step=step)
-            os.rename(staging, path)  # fails if the path appeared meanwhile: never merge two folders
+            publish_folder(staging, path)  # refuses a path that appeared meanwhile: never merge two folders
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         _remove_partials(path)
 
     def _options(self, storage_options: Any) -> dict[str, Any]:
@@ -287,7 +292,16 @@ def _remove_partials(path: str) -> None:
     prefix = f".{name}.partial-"
     for entry in os.listdir(parent):
         if entry.startswith(prefix) or _DELETING.match(entry):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            _remove_path(os.path.join(parent, entry))
+
+
+def _remove_path(path: str) -> None:
+    """Delete a folder, or a symlink itself (``rmtree`` refuses a link; a hidden link was a "last" link)."""
+    if os.path.islink(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _url(path: Any) -> str:
