@@ -9,7 +9,7 @@ their buffers across saves; ``staging_budget`` bounds the host memory of the ove
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from ._guards import Guard
@@ -21,33 +21,21 @@ STAGING_MODES = ("overlap", "copy")
 
 
 class BackgroundSave:
-    """One save running on a thread; its result or exception is kept until collected."""
+    """One save running on the checkpointer's writer thread; its result or exception is kept until collected."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._fn = fn
-        self._result: Any = None
-        self._error: BaseException | None = None
-        # Not a daemon: at interpreter exit the save finishes (atexit also waits), or, if the process
-        # is killed, the commit protocol leaves it invisible.
-        self._thread = threading.Thread(target=self._run, name="resumekit-save", daemon=False)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._result = self._fn()
-        except BaseException as exc:
-            self._error = exc
+    def __init__(self, executor: ThreadPoolExecutor, fn: Callable[[], Any]) -> None:
+        # A long-lived worker: submitting costs a queue put, where starting a thread costs the call
+        # a wait for the new thread to get the GIL. concurrent.futures joins its workers at
+        # interpreter exit, so an in-flight save finishes (a killed process leaves it invisible).
+        self._future: Future[Any] = executor.submit(fn)
 
     def done(self) -> bool:
         """True once the save has finished (committed or failed)."""
-        return not self._thread.is_alive()
+        return self._future.done()
 
     def result(self) -> Any:
         """Wait for the save; return its result or raise its exception."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
+        return self._future.result()
 
 
 class AsyncSaves:
@@ -57,6 +45,7 @@ class AsyncSaves:
         self.buffers = StagingBuffers()
         self.guard = Guard()
         self.inflight: BackgroundSave | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def stager(self, staging: str, budget: int | None) -> OverlapStager:
         """A stager for one save, after checking the options."""
@@ -75,14 +64,16 @@ class AsyncSaves:
 
         def run() -> Any:
             try:
+                stager.start()  # on this thread: the call does not pay for it
                 result = write()
             finally:
                 stager.close()  # releases any waiter, also when the write failed
             return result
 
-        stager.start()
         self.guard.arm(stager)
-        self.inflight = BackgroundSave(run)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resumekit-save")
+        self.inflight = BackgroundSave(self._executor, run)
 
     def wait_staged(self) -> None:
         """Return once every tensor of the save in flight has its value of the call copied."""
@@ -97,5 +88,8 @@ class AsyncSaves:
             self.guard.disarm()
 
     def clear(self) -> None:
-        """Release the staging buffers."""
+        """Release the staging buffers and the writer thread."""
         self.buffers.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None

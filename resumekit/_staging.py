@@ -184,8 +184,14 @@ class OverlapStager:
         return frozenset(self._by_storage)
 
     def start(self) -> None:
-        """Start the background copies (nothing to do when every tensor was copied at the call)."""
-        if self._records:
+        """Run the background copies, on the writer thread before it writes (no budget: the writer
+        needs every copy anyway), or beside it on a thread of their own (a budget: the writer frees
+        the room they need)."""
+        if not self._records:
+            return
+        if self._budget is None:
+            self._copy_all()
+        else:
             self._thread = threading.Thread(target=self._copy_all, name="resumekit-stage", daemon=True)
             self._thread.start()
 
