@@ -131,6 +131,7 @@ class OverlapStager:
         self._error: StagingError | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._settled = False
         self.inline_bytes = 0
 
     # -- at the call (training thread) ----------------------------------------------------------------
@@ -172,12 +173,16 @@ class OverlapStager:
     @property
     def pending(self) -> bool:
         """True while some tensor is still neither copied nor written."""
+        if self._settled:
+            return False
         # A CUDA copy that is enqueued but not yet ordered before later writes is still pending.
-        return any(
+        busy = any(
             r.state in (_PENDING, _COPYING, _STREAMING) or (r.done_event is not None and not r.sealed)
             for r in self._records
             if r.state != _ABANDONED
         )
+        self._settled = not busy  # records only move forward: once settled, always settled
+        return busy
 
     def storages(self) -> frozenset[tuple[str, int]]:
         """The storages with pending tensors (what the guards watch)."""
