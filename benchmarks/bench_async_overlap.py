@@ -79,7 +79,9 @@ def fingerprint(model: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
     return [float(torch.sum(t.detach(), dtype=torch.float64)) for t in ts]
 
 
-def run_once(config: str, rep: int, model: nn.Module, opt: torch.optim.Optimizer, args: Any, root: str) -> Run:
+def run_once(
+    config: str, rep: int, model: nn.Module, opt: torch.optim.Optimizer, args: Any, root: str
+) -> Run:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -87,7 +89,9 @@ def run_once(config: str, rep: int, model: nn.Module, opt: torch.optim.Optimizer
     live = {"model": model, "optimizer": opt}
     folder = os.path.join(root, f"{config}-{rep}")
     os.makedirs(folder, exist_ok=True)
-    ckpt = resumekit.Checkpointer(folder) if config in ("sync", "rk-copy", "rk-overlap", "rk-budget") else None
+    ckpt = (
+        resumekit.Checkpointer(folder) if config in ("sync", "rk-copy", "rk-overlap", "rk-budget") else None
+    )
     pending: Any = None  # DCP: the previous save's future / response
     staging_wait: Any = None  # dcp-bg-wait: staging future the next optimizer step waits on
     os.sync()
@@ -241,8 +245,10 @@ def write_markdown(path: str, s: dict[str, dict[str, float]], runs: list[Run], i
     ]
     for c, v in s.items():
         if c == "none":
-            lines.append(f"| none (reference run {v['total_med']:.2f} s) | | | | | | | "
-                         f"{v['rss_growth_max'] / st:.2f} | |")
+            lines.append(
+                f"| none (reference run {v['total_med']:.2f} s) | | | | | | | "
+                f"{v['rss_growth_max'] / st:.2f} | |"
+            )
             continue
         lines.append(
             f"| {c} | {v['blocked_med']:.4f} | {v['blocked_later_med']:.4f} | {v['blocked_max']:.4f} | "
@@ -250,7 +256,10 @@ def write_markdown(path: str, s: dict[str, dict[str, float]], runs: list[Run], i
             f"{v['rss_growth_max'] / st:.2f} | "
             f"{'yes' if v['preserved'] else '**no**'} |"
         )
-    ov, dcp_ok = s.get("rk-overlap"), [c for c in ("dcp", "dcp-bg-wait", "dcp-bg") if c in s and s[c]["preserved"]]
+    ov, dcp_ok = (
+        s.get("rk-overlap"),
+        [c for c in ("dcp", "dcp-bg-wait", "dcp-bg") if c in s and s[c]["preserved"]],
+    )
     best_dcp = min((s[c]["overhead_per_ckpt"] for c in dcp_ok), default=float("nan"))
     lines += [
         "",
@@ -275,8 +284,13 @@ def write_markdown(path: str, s: dict[str, dict[str, float]], runs: list[Run], i
             f"| rk-overlap CPU per ckpt <= best DCP async_save that kept the values | "
             f"{ov['cpu_per_ckpt']:.3f} s vs {best_cpu:.3f} s | {'yes' if ov['cpu_per_ckpt'] <= best_cpu else 'no'} |"
         )
-    lines += ["", "## Every run", "", "| config | rep | run (s) | CPU (s) | blocked per ckpt (s) | RSS growth (MB) | values |",
-              "|---|---:|---:|---:|---|---:|:---:|"]
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| config | rep | run (s) | CPU (s) | blocked per ckpt (s) | RSS growth (MB) | values |",
+        "|---|---:|---:|---:|---|---:|:---:|",
+    ]
     for r in runs:
         lines.append(
             f"| {r.config} | {r.rep} | {r.total_s:.2f} | {r.cpu_s:.2f} | {', '.join(f'{b:.4f}' for b in r.blocked_s)} | "
@@ -297,8 +311,11 @@ def write_chart(path: str, s: dict[str, dict[str, float]]) -> None:
     axes[0].bar(names, [s[c]["blocked_med"] * 1e3 for c in names], color="tab:blue")
     axes[0].set_ylabel("loop blocked per checkpoint (ms, median)")
     axes[0].set_yscale("log")
-    axes[1].bar(names, [s[c]["overhead_per_ckpt"] for c in names],
-                color=["tab:green" if s[c]["preserved"] else "tab:red" for c in names])
+    axes[1].bar(
+        names,
+        [s[c]["overhead_per_ckpt"] for c in names],
+        color=["tab:green" if s[c]["preserved"] else "tab:red" for c in names],
+    )
     axes[1].set_ylabel("whole-loop overhead per checkpoint (s)\nred: values of the call not kept")
     for ax in axes:
         ax.tick_params(axis="x", rotation=35)
@@ -329,11 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         for rep in range(args.reps):
-            order = configs[rep % len(configs):] + configs[: rep % len(configs)]
+            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
             for c in order:
                 r = run_once(c, rep, model, opt, args, root)
-                print(f"rep {rep} {c:12s} run {r.total_s:6.2f} s blocked "
-                      f"{[round(b, 4) for b in r.blocked_s]} preserved {r.preserved}", flush=True)
+                print(
+                    f"rep {rep} {c:12s} run {r.total_s:6.2f} s blocked "
+                    f"{[round(b, 4) for b in r.blocked_s]} preserved {r.preserved}",
+                    flush=True,
+                )
                 runs.append(r)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -359,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_markdown(args.out + ".md", s, runs, info)
     write_chart(args.out + ".png", s)
-    print(open(args.out + ".md").read())
+    with open(args.out + ".md") as f:
+        print(f.read())
     return 0
 
 

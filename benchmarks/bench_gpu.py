@@ -52,7 +52,9 @@ def step(model: nn.Module, opt: torch.optim.Optimizer, width: int) -> None:
 
 
 def sums(model: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
-    ts = list(model.state_dict().values()) + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    ts = list(model.state_dict().values()) + [
+        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+    ]
     return [float(torch.sum(t, dtype=torch.float64)) for t in ts]
 
 
@@ -83,14 +85,27 @@ def main(argv: list[str] | None = None) -> int:
         v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
     )
     root = tempfile.mkdtemp(prefix="rk-gpu-", dir=args.dir)
-    r: dict[str, list[float]] = {k: [] for k in ("save", "restore", "overlap", "copy", "step", "after-overlap",
-                                                  "after-copy", "run-none", "run-overlap", "run-copy")}
+    r: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "save",
+            "restore",
+            "overlap",
+            "copy",
+            "step",
+            "after-overlap",
+            "after-copy",
+            "run-none",
+            "run-overlap",
+            "run-copy",
+        )
+    }
     preserved = True
     try:
         for rep in range(args.reps):
             ck = resumekit.Checkpointer(os.path.join(root, f"sync-{rep}"))
-            r["save"].append(timed(lambda: ck.save(live, step=1)))
-            r["restore"].append(timed(lambda: ck.restore(live)))
+            r["save"].append(timed(lambda ck=ck: ck.save(live, step=1)))
+            r["restore"].append(timed(lambda ck=ck: ck.restore(live)))
             for mode in ("none", "overlap", "copy"):
                 ck = resumekit.Checkpointer(os.path.join(root, f"{mode}-{rep}"))
                 expected: dict[int, list[float]] = {}
@@ -108,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         expected[i] = sums(model, opt)
                         excluded += time.perf_counter() - f0
                         ck.wait()
-                        r[mode].append(timed(lambda: ck.save_async(live, step=i, staging=mode)))
+                        r[mode].append(
+                            timed(lambda ck=ck, i=i, mode=mode: ck.save_async(live, step=i, staging=mode))
+                        )
                 ck.close()
                 torch.cuda.synchronize()
                 r[f"run-{mode}"].append(time.perf_counter() - t0 - excluded)
@@ -123,10 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("sync save (device->host, fsync, commit)", med["save"], f"{gb / med['save']:.2f} GB/s"),
         ("restore into CUDA tensors", med["restore"], f"{gb / med['restore']:.2f} GB/s"),
-        ("save_async call, staging=overlap", med["overlap"], f"{100 * med['overlap'] / med['save']:.2f}% of save"),
+        (
+            "save_async call, staging=overlap",
+            med["overlap"],
+            f"{100 * med['overlap'] / med['save']:.2f}% of save",
+        ),
         ("save_async call, staging=copy", med["copy"], f"{100 * med['copy'] / med['save']:.2f}% of save"),
         ("training step, no save", med["step"], "1.00x"),
-        ("step right after an overlap call", med["after-overlap"], f"{med['after-overlap'] / med['step']:.2f}x"),
+        (
+            "step right after an overlap call",
+            med["after-overlap"],
+            f"{med['after-overlap'] / med['step']:.2f}x",
+        ),
         ("step right after a copy call", med["after-copy"], f"{med['after-copy'] / med['step']:.2f}x"),
         ("loop overhead per ckpt, overlap", (med["run-overlap"] - med["run-none"]) / nckpt, ""),
         ("loop overhead per ckpt, copy", (med["run-copy"] - med["run-none"]) / nckpt, ""),

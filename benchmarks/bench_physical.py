@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     raw_write(os.path.join(root, f"raw-{rep}"), files, threads)
                 res[what].append(time.perf_counter() - s)
-            for what in (["restore", "raw_read"] if rep % 2 == 0 else ["raw_read", "restore"]):
+            for what in ["restore", "raw_read"] if rep % 2 == 0 else ["raw_read", "restore"]:
                 dropped.append(bsr.drop_caches())
                 s = time.perf_counter()
                 if what == "restore":
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in res.items()}
-    cache = "dropped before every read" if all(dropped) else "could not be dropped (reads may hit the page cache)"
+    cache = (
+        "dropped before every read" if all(dropped) else "could not be dropped (reads may hit the page cache)"
+    )
     cmd = ".venv/bin/python benchmarks/bench_physical.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -201,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---:|---:|---:|",
     ]
     for i in range(args.reps):
-        lines.append(f"| {i} | {res['save'][i]:.3f} | {res['raw_write'][i]:.3f} | {res['restore'][i]:.3f} | "
-                     f"{res['raw_read'][i]:.3f} |")
+        lines.append(
+            f"| {i} | {res['save'][i]:.3f} | {res['raw_write'][i]:.3f} | {res['restore'][i]:.3f} | "
+            f"{res['raw_read'][i]:.3f} |"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -23,7 +23,9 @@ MODES = [("copy", None), ("overlap", None), ("overlap", 8 << 20), ("overlap", 0)
 
 def _objects(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048)).cuda()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048)
+    ).cuda()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
@@ -36,7 +38,9 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("staging", "budget"), MODES)
-def test_cuda_checkpoint_holds_the_values_of_the_call(tmp_path: Path, staging: str, budget: int | None) -> None:
+def test_cuda_checkpoint_holds_the_values_of_the_call(
+    tmp_path: Path, staging: str, budget: int | None
+) -> None:
     model, opt = _objects(0)
     _step(model, opt)
     expected = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
@@ -61,7 +65,7 @@ def test_cuda_checkpoint_holds_the_values_of_the_call(tmp_path: Path, staging: s
 
 @pytest.mark.timeout(60)
 def test_pinned_buffers_are_reused_across_saves(tmp_path: Path) -> None:
-    model, opt = _objects(0)
+    model, _ = _objects(0)
     with rk.Checkpointer(tmp_path) as ckpt:
         ckpt.save_async({"model": model}, step=1)
         ckpt.wait()
@@ -87,7 +91,9 @@ def test_read_into_device_uses_pinned_chunks_and_checksums_in_order(tmp_path: Pa
             assert n == len(buf)
 
         dest = torch.empty_like(src)
-        _cuda.read_into_device(read_at, 100, dest, _cuda.PinnedChunks(4 << 20), lambda mv: seen.append(bytes(mv)))
+        _cuda.read_into_device(
+            read_at, 100, dest, _cuda.PinnedChunks(4 << 20), lambda mv: seen.append(bytes(mv))
+        )
     finally:
         os.close(fd)
     torch.cuda.synchronize()
