@@ -13,12 +13,12 @@ from typing import IO, Any, Callable
 import crc32c
 import torch
 
-from ._async import StagingPool
 from ._codec import TensorTable, encode_entry
 from ._dist import World, describe
 from ._entries import Item, check_step, items_of
 from ._manifest import SCOPE_REPLICATED, FileRecord, Manifest, entry_files
 from ._partial import module_state
+from ._staging import OverlapStager
 from ._storage import Stage, Storage
 from ._tensorfile import write_tensors
 from ._verify import crc_hex
@@ -37,6 +37,7 @@ class Snapshot:
     items: list[Item]
     t0: float
     encoded: list[tuple[Item, bytes, dict[str, torch.Tensor]]] = field(default_factory=list)
+    stager: OverlapStager | None = None  # async: where the writer gets each tensor's staged copy
 
 
 def take_snapshot(
@@ -45,13 +46,15 @@ def take_snapshot(
     state: Mapping[str, Any],
     step: int,
     world: World,
-    pool: StagingPool | None,
+    stager: OverlapStager | None,
     per_rank: frozenset[str],
 ) -> Snapshot:
     """Capture ``state`` for checkpoint ``step``: validate, agree on a writer id, encode every entry.
 
-    With ``pool``, tensors are copied into host staging buffers (the async path: the snapshot holds
-    the values of this moment); without, they are referenced in place and streamed by :func:`write`.
+    With ``stager`` (the async path), every non-tensor value is encoded now and every tensor is either
+    copied now or registered with the stager, which copies it before anything can change it: the
+    snapshot holds the values of this moment. Without, tensors are referenced in place and streamed by
+    :func:`write`.
     Every rank raises together if any rank failed.
     """
     t0 = time.perf_counter()
@@ -67,7 +70,7 @@ def take_snapshot(
             f"step {step} already exists in '{url}'; checkpoints are never overwritten. Save under a "
             "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
         )
-    snap = Snapshot(step, plan["writer"], world, items, t0)
+    snap = Snapshot(step, plan["writer"], world, items, t0, stager=stager)
     error: Exception | None = None
     try:
         # Items are ordered RNG first: its state is captured before any other state_dict() runs.
@@ -82,7 +85,7 @@ def take_snapshot(
                 raw_state = dict(it.obj)
             table = TensorTable()
             skeleton = encode_entry(raw_state, table, it.name)  # refuses what could not restore
-            tensors = pool.copy(it.name, table.tensors) if pool is not None else table.tensors
+            tensors = stager.add(it.name, it.obj, table.tensors) if stager is not None else table.tensors
             snap.encoded.append((it, skeleton, tensors))
     except Exception as exc:
         error = exc
@@ -159,8 +162,13 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
         jobs.append((len(skeleton), stage.data_prefix + json_name, functools.partial(_write_bytes, skeleton)))
         if st_name is not None:
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            source = functools.partial(snap.stager.source, it.name) if snap.stager is not None else None
             jobs.append(
-                (nbytes, stage.data_prefix + st_name, functools.partial(write_tensors, tensors=tensors))
+                (
+                    nbytes,
+                    stage.data_prefix + st_name,
+                    functools.partial(write_tensors, tensors=tensors, source=source),
+                )
             )
 
     def run(job: tuple[int, str, Fill]) -> tuple[str, FileRecord]:
@@ -171,7 +179,17 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
 
     workers = min(getattr(stage, "parallel_files", 1), sum(1 for n, _, _ in jobs if n >= _PARALLEL_MIN_BYTES))
     if workers <= 1:
-        return dict(run(job) for job in jobs)
+        records = dict(run(job) for job in jobs)
+    else:
+        records = _run_parallel(run, jobs, workers)
+    if snap.stager is not None:
+        snap.stager.raise_error()  # a copy that cannot be proven to hold the call's values: no commit
+    return records
+
+
+def _run_parallel(
+    run: Callable[[Any], tuple[str, FileRecord]], jobs: list[Any], workers: int
+) -> dict[str, FileRecord]:
     jobs.sort(key=lambda job: -job[0])  # big files first: small ones fill the gaps, not the tail
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-write") as pool:
         futures = [pool.submit(run, job) for job in jobs]

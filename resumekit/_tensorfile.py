@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -134,7 +135,10 @@ def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
 
 
 def write_tensors(
-    fileobj: IO[bytes], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    fileobj: IO[bytes],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    source: Callable[[str, torch.Tensor], AbstractContextManager[torch.Tensor]] | None = None,
 ) -> tuple[int, int]:
     """Write ``tensors`` to ``fileobj`` as a safetensors file.
 
@@ -142,6 +146,8 @@ def write_tensors(
         fileobj: an open binary file (or any object with ``write``).
         tensors: name -> tensor, on any device; non-contiguous tensors are written contiguously.
         metadata: the ``__metadata__`` string map (default ``{"format": "pt"}``).
+        source: ``source(name, tensor)`` gives, for the duration of its context, the tensor whose bytes
+            are written in place of ``tensor`` (the async staging copy); same dtype and shape.
 
     Returns:
         ``(size, crc32c)`` of the bytes written.
@@ -151,16 +157,17 @@ def write_tensors(
     crc = crc32c.crc32c(prefix)
     size = len(prefix)
     for name in order:
-        flat = _host_bytes(tensors[name])
-        n = flat.numel()
-        if n == 0:
-            continue
-        arr: Any = flat.numpy()
-        for i in range(0, n, _CHUNK):
-            chunk = arr[i : i + _CHUNK]
-            fileobj.write(memoryview(chunk))
-            crc = crc32c.crc32c(chunk, crc)
-        size += n
+        with source(name, tensors[name]) if source is not None else nullcontext(tensors[name]) as t:
+            flat = _host_bytes(t)
+            n = flat.numel()
+            if n == 0:
+                continue
+            arr: Any = flat.numpy()
+            for i in range(0, n, _CHUNK):
+                chunk = arr[i : i + _CHUNK]
+                fileobj.write(memoryview(chunk))
+                crc = crc32c.crc32c(chunk, crc)
+            size += n
     return size, crc
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import _retention
 from ._apply import apply_plan
-from ._async import BackgroundSave, StagingPool
+from ._async import AsyncSaves
 from ._dist import World, current_world
 from ._entries import Item, check_step, items_of
 from ._env import collect_environment, resumekit_version
@@ -146,8 +146,7 @@ class Checkpointer:
         self._storage: Storage = storage if storage is not None else open_storage(url, storage_options)
         self.verify_after_save = bool(verify_after_save)
         self.url = self._storage.url
-        self._staging = StagingPool()
-        self._inflight: BackgroundSave | None = None
+        self._async = AsyncSaves()
         self._async_world: World | None = None
         self._atexit_registered = False
 
@@ -201,48 +200,76 @@ class Checkpointer:
         )
         return self._write(snap)
 
-    def save_async(self, state: Mapping[str, Any], *, step: int) -> None:
+    def save_async(
+        self,
+        state: Mapping[str, Any],
+        *,
+        step: int,
+        staging: str = "overlap",
+        staging_budget: int | None = None,
+    ) -> None:
         """Start saving ``state`` as checkpoint ``step`` in the background, and return.
 
-        The call blocks only while tensors are copied into host staging buffers (reused across saves,
-        pinned for CUDA tensors); the checkpoint holds the values at the moment of the call, so training
-        may change the parameters as soon as this returns. A background thread then serialises,
-        checksums and commits exactly as :meth:`save` does.
+        The checkpoint holds the values at the moment of the call, whatever training does next. With
+        ``staging="overlap"`` (the default, the fastest) the call captures non-tensor state and small
+        tensors, and returns; parameters and optimizer moments are copied to host buffers in the
+        background while the next forward and backward run, and the first in-place write to one not yet
+        copied (an optimizer step, ``p.add_(...)``, ``load_state_dict``) waits for that copy. A write
+        resumekit cannot intercept (another thread, C++ code) is detected by the tensor's version
+        counter and fails the save with :class:`~resumekit.errors.StagingError` rather than commit a
+        changed value. ``staging="copy"`` copies every tensor before returning. See docs/async.md.
+
+        Host memory: staging buffers as large as the state's tensors, reused by the next save; with
+        ``staging_budget=`` bytes, at most that much, at the price of writes waiting for the storage.
 
         At most one save is in flight: a second call (or :meth:`save`, :meth:`restore`) first waits for
         the previous one. An error of a background save is raised by the next ``save``/``save_async``,
         :meth:`wait` or :meth:`close` — never lost. At interpreter exit an in-flight save is finished; a
-        process killed mid-save leaves it invisible (the commit protocol). Staging needs host memory
-        equal to the state's tensors.
+        process killed mid-save leaves it invisible (the commit protocol).
 
         Under torch.distributed every rank must call this together; the background thread talks over a
         separate gloo group created on the first call, so it never interleaves with training collectives.
+
+        Args:
+            state: as for :meth:`save`.
+            step: as for :meth:`save`.
+            staging: ``"overlap"`` or ``"copy"``.
+            staging_budget: bound on the staging buffers in bytes (overlap only); None for no bound.
         """
         self.wait()
+        stager = self._async.stager(staging, staging_budget)
         world = current_world(self._group)
         if world.distributed and self._async_world is None:
             import torch.distributed as dist
 
             self._async_world = World(world.rank, world.size, dist.new_group(backend="gloo"))
-        snap = take_snapshot(self._storage, self.url, state, step, world, self._staging, self.per_rank)
+        snap = take_snapshot(self._storage, self.url, state, step, world, stager, self.per_rank)
         if self._async_world is not None:
             snap.world = self._async_world
-        self._inflight = BackgroundSave(lambda: self._write(snap))
+        self._async.start(stager, lambda: self._write(snap))
         if not self._atexit_registered:
             atexit.register(self._finish_at_exit)
             self._atexit_registered = True
+
+    def wait_staged(self) -> None:
+        """Return once the save in flight holds a copy of every tensor: writes may follow at once.
+
+        Needed only before writes resumekit cannot intercept (from another thread, or C++ code that
+        changes a parameter in place) while ``save_async(..., staging="overlap")`` is copying.
+        """
+        self._async.wait_staged()
 
     def wait(self) -> CheckpointInfo | None:
         """Wait for the in-flight :meth:`save_async`, if any; return what it committed.
 
         Raises:
-            Whatever the background save raised (StorageError, StepExistsError, ...).
+            Whatever the background save raised (StorageError, StagingError, StepExistsError, ...).
         """
-        inflight, self._inflight = self._inflight, None
-        return inflight.result() if inflight is not None else None
+        result: CheckpointInfo | None = self._async.wait()
+        return result
 
     def _finish_at_exit(self) -> None:
-        if self._inflight is not None:
+        if self._async.inflight is not None:
             try:
                 self.wait()
             except Exception as exc:
@@ -465,4 +492,4 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            self._staging.clear()
+            self._async.clear()

@@ -13,6 +13,7 @@ __all__ = [
     "CommitConflictError",
     "DriftError",
     "ResumeKitError",
+    "StagingError",
     "StateMismatchError",
     "StepExistsError",
     "StorageError",
@@ -65,3 +66,8 @@ class DriftError(ResumeKitError, ValueError):
 
 class StateMismatchError(ResumeKitError, ValueError):
     """Saved state does not fit the object it is restored into (missing entry, shape mismatch...)."""
+
+
+class StagingError(ResumeKitError, RuntimeError):
+    """A ``save_async`` could not prove its staged copy holds the values of the call (a tensor was
+    written in place before its copy, by code resumekit cannot intercept); the save is not committed."""
