@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of every configuration first")
     p.add_argument("--budget-mib", type=int, default=256)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary folder)")
@@ -345,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in CONFIGS if c in args.configs.split(",")]
     runs: list[Run] = []
     try:
+        # Warm-up runs are discarded: the first run of each configuration pays imports, thread and
+        # process-group start-up and cold allocator pools, which no later checkpoint of a run pays.
+        warm = argparse.Namespace(**{**vars(args), "steps": args.every})
+        for _ in range(args.warmup):
+            for c in configs:
+                run_once(c, -1, model, opt, warm, root)
         for rep in range(args.reps):
             order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
             for c in order:
