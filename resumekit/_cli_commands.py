@@ -14,7 +14,17 @@ from typing import Any
 from ._cli_io import CliError, Root
 from ._env import collect_environment
 from ._json import parse_strict
-from ._manifest import FORMAT_VERSION, MANIFEST, FileRecord, Manifest, entry_files, step_dir
+from ._manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SCOPE_SHARDED,
+    FileRecord,
+    Manifest,
+    current_format,
+    entry_files,
+    step_dir,
+)
+from ._shardmeta import index_file, meta_file, shard_file
 from ._tensorfile import parse_head
 from ._verify import file_problem
 from .drift import DriftPolicy, compare
@@ -32,6 +42,13 @@ def entry_file_names(m: Manifest, name: str) -> list[str]:
     """The files of entry ``name`` that the manifest lists (skeleton, then tensors; per rank)."""
     entry = m.entries[name]
     out = []
+    if entry.scope == SCOPE_SHARDED:  # the sharding metadata, then each rank's shards and chunk index
+        names = [meta_file(name)] + [
+            rel
+            for rank in entry.ranks
+            for rel in (shard_file(name, rank), index_file(shard_file(name, rank)))
+        ]
+        return [m.data_prefix + rel for rel in names if m.data_prefix + rel in m.files]
     for rank in entry.ranks:
         json_name, st_name = entry_files(name, entry.scope, rank, True)
         for rel in (json_name, st_name):
@@ -302,7 +319,7 @@ def drift(
         config,
         policy,
         saved_format=fmt,
-        current_format=FORMAT_VERSION,
+        current_format=current_format(fmt),
     )
     return {
         "url": root.url,

@@ -184,6 +184,12 @@ def encode(obj: Any, table: TensorTable, path: str = "") -> Any:
 def _check_tensor(obj: torch.Tensor, path: str) -> None:
     """Refuse, naming ``path``, a tensor no safetensors file can hold (before anything is written)."""
     where = path or "<root>"
+    if _is_dtensor(obj):
+        raise UnsupportedValueError(
+            f"state value at '{where}' is a DTensor (a shard of a tensor spread over ranks). resumekit "
+            "saves DTensors only as sharded entries: pass the FSDP2/tensor-parallel Module or its "
+            "Optimizer itself as a top-level state entry (not inside a dict or a per-rank entry)."
+        )
     if obj.is_sparse or obj.layout != torch.strided:
         raise UnsupportedValueError(
             f"state value at '{where}' is a {obj.layout} tensor; resumekit stores strided tensors only. "
@@ -280,6 +286,16 @@ def encode_entry(obj: Any, table: TensorTable, entry: str) -> bytes:
             "in state_dict(). Nothing was written."
         ) from exc
     return raw
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # Checked by name first: importing torch.distributed.tensor is not free and most tensors are plain.
+    if type(t).__name__ != "DTensor":
+        return False
+    from ._shards import dtensor_type
+
+    dt = dtensor_type()
+    return dt is not None and isinstance(t, dt)
 
 
 def _encode_key(k: Any, path: str) -> Any:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._manifest import SCOPE_RANK, SCOPE_REPLICATED, validate_entry_name
+from ._manifest import SCOPE_RANK, SCOPE_REPLICATED, SCOPE_SHARDED, validate_entry_name
 from ._protocol import TrainingState
 
 __all__ = ["Item", "check_step", "items_of"]
@@ -43,6 +43,8 @@ def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
         scope = (
             SCOPE_RANK
             if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank"
+            else SCOPE_SHARDED
+            if _holds_dtensors(obj)
             else SCOPE_REPLICATED
         )
         last = bool(getattr(obj, "resumekit_restore_last", False))
@@ -51,6 +53,12 @@ def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
     # load_state_dict(), so side effects of those calls cannot shift a random stream.
     items.sort(key=lambda it: not it.last)
     return items
+
+
+def _holds_dtensors(obj: Any) -> bool:
+    from ._shards import holds_dtensors  # the sharding machinery imports this module
+
+    return holds_dtensors(obj)
 
 
 def _is_loader(obj: Any) -> bool:

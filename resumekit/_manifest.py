@@ -19,6 +19,9 @@ from .errors import CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFo
 
 __all__ = [
     "FORMAT_VERSION",
+    "SCOPE_SHARDED",
+    "UNSHARDED_FORMAT_VERSION",
+    "current_format",
     "Entry",
     "FileRecord",
     "Manifest",
@@ -28,8 +31,11 @@ __all__ = [
     "validate_entry_name",
 ]
 
-#: The on-storage format this resumekit writes; it reads this version and older ones.
-FORMAT_VERSION = 1
+#: The newest on-storage format this resumekit reads (and writes for checkpoints with sharded entries).
+FORMAT_VERSION = 2
+#: The format written for checkpoints without sharded entries, so earlier resumekits keep reading them.
+#: Format 2 adds entries of scope "sharded" (see resumekit/_shardmeta.py).
+UNSHARDED_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 #: A manifest larger than this is refused unread.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -65,6 +71,13 @@ _STEP_RE = re.compile(r"^step-([0-9]{12,20})$")
 
 SCOPE_REPLICATED = "replicated"
 SCOPE_RANK = "rank"
+SCOPE_SHARDED = "sharded"  # format 2: one shard file per rank plus <entry>.sharding.json
+
+
+def current_format(saved: int) -> int:
+    """The format this resumekit writes for a checkpoint like one saved in format ``saved``: formats 1
+    (no sharded entries) and 2 (sharded entries) are both current, so neither is drift."""
+    return saved if UNSHARDED_FORMAT_VERSION <= saved <= FORMAT_VERSION else FORMAT_VERSION
 
 
 def step_dir(step: int) -> str:
@@ -133,7 +146,7 @@ class Manifest:
     config: dict[str, Any] | None = None
     created_unix: float = 0.0
     resumekit_version: str = ""
-    format_version: int = FORMAT_VERSION
+    format_version: int = UNSHARDED_FORMAT_VERSION
     checksum: str = "crc32c"
     data_prefix: str = ""  # object stores: a folder private to the writer ("w-<writer_id>/")
 
@@ -234,7 +247,7 @@ def _file_record(r: Any, p: str, where: str) -> FileRecord:
 def _entry(e: Any, name: str, where: str) -> Entry:
     e = _dict(e)
     scope, kind = e.get("scope"), e.get("kind")
-    if scope not in (SCOPE_REPLICATED, SCOPE_RANK) or kind not in ("state", "mapping"):
+    if scope not in (SCOPE_REPLICATED, SCOPE_RANK, SCOPE_SHARDED) or kind not in ("state", "mapping"):
         raise CheckpointCorruptError(f"{where}: entry {name!r} has unknown scope/kind {scope!r}/{kind!r}")
     ranks = tuple(_int(r) for r in _list(e.get("ranks", [0])))
     return Entry(scope=scope, kind=kind, ranks=ranks)

@@ -16,8 +16,9 @@ import torch
 from ._codec import TensorTable, encode_entry
 from ._dist import World, describe
 from ._entries import Item, check_step, items_of
-from ._manifest import SCOPE_REPLICATED, FileRecord, Manifest, entry_files
+from ._manifest import SCOPE_REPLICATED, SCOPE_SHARDED, FileRecord, Manifest, entry_files
 from ._partial import module_state
+from ._shards import LocalShards, agree, capture, write_jobs
 from ._staging import OverlapStager
 from ._storage import Stage, Storage
 from ._tensorfile import write_tensors
@@ -38,6 +39,7 @@ class Snapshot:
     t0: float
     encoded: list[tuple[Item, bytes, dict[str, torch.Tensor]]] = field(default_factory=list)
     stager: OverlapStager | None = None  # async: where the writer gets each tensor's staged copy
+    sharded: list[LocalShards] = field(default_factory=list)  # FSDP2/TP entries: this rank's chunks
 
 
 def take_snapshot(
@@ -75,6 +77,9 @@ def take_snapshot(
     try:
         # Items are ordered RNG first: its state is captured before any other state_dict() runs.
         for it in items:
+            if it.scope == SCOPE_SHARDED:
+                snap.sharded.append(capture(it, items, stager))
+                continue
             if it.scope == SCOPE_REPLICATED and world.rank != 0:
                 continue
             if isinstance(it.obj, torch.nn.Module):
@@ -97,6 +102,8 @@ def take_snapshot(
             f"saving step {step} failed on {failed}. Nothing was written; earlier checkpoints are intact."
         ),
     )
+    if any(it.scope == SCOPE_SHARDED for it in items):
+        agree(snap.sharded, world)  # raises on every rank together
     return snap
 
 
@@ -170,6 +177,7 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
                     functools.partial(write_tensors, tensors=tensors, source=source),
                 )
             )
+    jobs.extend((n, stage.data_prefix + rel, fill) for n, rel, fill in write_jobs(snap.sharded, world.rank))
 
     def run(job: tuple[int, str, Fill]) -> tuple[str, FileRecord]:
         _, relpath, fill = job

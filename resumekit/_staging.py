@@ -136,6 +136,18 @@ class OverlapStager:
 
     # -- at the call (training thread) ----------------------------------------------------------------
 
+    def copy_now(self, entry: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy ``tensors`` into this save's host buffers at the call (reused by the next save), for
+        tensors no guard covers (a sharded entry's local chunks): each is final on return."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            t = t.detach()
+            buf = self._buffers.own(entry, name, t)
+            buf.copy_(t)  # synchronous (CUDA included)
+            self.inline_bytes += t.numel() * t.element_size()
+            out[name] = buf
+        return out
+
     def add(self, entry: str, obj: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Register an entry's tensors: guardable large ones become pending, the rest are copied now.
 

@@ -22,7 +22,17 @@ from ._dist import World, current_world
 from ._entries import Item, check_step, items_of
 from ._env import collect_environment, resumekit_version
 from ._live import live_entries
-from ._manifest import FORMAT_VERSION, SCOPE_RANK, Entry, FileRecord, Manifest, step_dir
+from ._manifest import (
+    FORMAT_VERSION,
+    SCOPE_RANK,
+    SCOPE_SHARDED,
+    UNSHARDED_FORMAT_VERSION,
+    Entry,
+    FileRecord,
+    Manifest,
+    current_format,
+    step_dir,
+)
 from ._messages import not_committed
 from ._plan import RestoreOptions
 from ._readback import verify_committed
@@ -311,7 +321,7 @@ class Checkpointer:
             it.name: Entry(
                 scope=it.scope,
                 kind=it.kind,
-                ranks=tuple(range(world.size)) if it.scope == SCOPE_RANK else (0,),
+                ranks=tuple(range(world.size)) if it.scope in (SCOPE_RANK, SCOPE_SHARDED) else (0,),
             )
             for it in items
         }
@@ -326,6 +336,10 @@ class Checkpointer:
             created_unix=time.time(),
             resumekit_version=resumekit_version(),
             data_prefix=data_prefix,
+            # Sharded entries need format 2; without them format 1 keeps earlier resumekits reading it.
+            format_version=FORMAT_VERSION
+            if any(it.scope == SCOPE_SHARDED for it in items)
+            else UNSHARDED_FORMAT_VERSION,
         )
 
     def _retain(self) -> None:
@@ -476,7 +490,7 @@ class Checkpointer:
             self.config,
             self.drift_policy,
             saved_format=m.format_version,
-            current_format=FORMAT_VERSION,
+            current_format=current_format(m.format_version),
         )
 
     # -- context manager ----------------------------------------------------------------------------

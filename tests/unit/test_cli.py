@@ -22,7 +22,7 @@ from torch import nn
 import resumekit as rk
 from resumekit._cli_diff import max_abs_diff
 from resumekit._cli_io import parse_storage_options, split_target
-from resumekit._manifest import FORMAT_VERSION, seal, step_dir
+from resumekit._manifest import FORMAT_VERSION, UNSHARDED_FORMAT_VERSION, seal, step_dir
 from resumekit.cli import main
 
 SCRIPT = shutil.which("resumekit", path=str(Path(sys.executable).parent))
@@ -111,7 +111,7 @@ def test_ls_lists_committed_incomplete_and_unreadable_steps_newest_last(
     assert by_step[2]["bytes"] == sum(f["size"] for f in m2["files"].values())
     assert by_step[2]["files"] == len(m2["files"])
     assert by_step[2]["entries"] == sorted(m2["entries"])
-    assert by_step[2]["world_size"] == 1 and by_step[2]["format_version"] == FORMAT_VERSION
+    assert by_step[2]["world_size"] == 1 and by_step[2]["format_version"] == UNSHARDED_FORMAT_VERSION
     assert 0 <= by_step[2]["age_seconds"] < 3600
     assert by_step[3]["status"] == "incomplete" and by_step[3]["bytes"] is None
     assert by_step[4]["status"] == "incomplete" and by_step[4]["folder"].startswith(".tmp-")
@@ -137,7 +137,7 @@ def test_inspect_shows_manifest_entries_tensors_environment_and_config(
     m = _manifest(root, 2)
     assert d["step"] == 2 and d["path"] == f"{root}/{step_dir(2)}"
     assert d["writer_id"] == m["writer_id"] and d["world_size"] == 1
-    assert d["format_version"] == FORMAT_VERSION and d["created_unix"] == m["created_unix"]
+    assert d["format_version"] == UNSHARDED_FORMAT_VERSION and d["created_unix"] == m["created_unix"]
     assert d["environment"] == m["environment"]
     assert d["config"] == {"batch_size": 16, "lr": 0.1}
     entries = {e["name"]: e for e in d["entries"]}
