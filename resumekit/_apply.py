@@ -19,6 +19,7 @@ from ._keys import load_canonical
 from ._live import LiveEntry
 from ._partial import apply_resets
 from ._plan import LoadPlan
+from ._reshard import ShardedValue
 from ._shapes import load_matching
 from .errors import StateMismatchError
 
@@ -75,6 +76,9 @@ def _steps(
 def apply_entry(e: LiveEntry, value: Any, allow_shape_mismatch: bool) -> list[str]:
     """Load one entry's decoded state into its object; return module tensors skipped for shape."""
     obj = e.item.obj
+    if isinstance(value, ShardedValue):  # checked against the live DTensors by the plan
+        value.apply(obj)
+        return []
     if isinstance(obj, torch.nn.Module):
         if allow_shape_mismatch:
             return list(load_matching(obj, value, e.keys).skipped)

@@ -16,6 +16,7 @@ import torch
 from ._codec import TensorTable, encode
 from ._entries import Item
 from ._keys import ModuleKeys
+from ._manifest import SCOPE_SHARDED
 from ._partial import module_state
 
 __all__ = ["LiveEntry", "LiveView", "live_entries", "same_structure"]
@@ -61,6 +62,9 @@ def live_entries(items: Sequence[Item]) -> tuple[LiveEntry, ...]:
     """Each item's keys and saved-form view, computed once for the whole restore."""
     out = []
     for it in items:
+        if it.scope == SCOPE_SHARDED:  # never read in place, checked against its DTensors by the plan
+            out.append(LiveEntry(it))
+            continue
         validate = getattr(it.obj, "resumekit_validate", None)
         keys = ModuleKeys.of(it.obj) if isinstance(it.obj, torch.nn.Module) else None
         view = (

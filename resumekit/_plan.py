@@ -13,23 +13,27 @@ A restore of one checkpoint step is planned in two pure steps around one read of
    which tensor files go straight into live tensors.
 
 Nothing is read into a live object before :func:`plan_load` returned on every rank, so a refused
-restore changes nothing. A new kind of entry (sharded state, whose tensors come from several ranks'
-files) is one more kind of :class:`EntryRead` that :func:`plan_step` emits and the executor reads.
+restore changes nothing. A sharded entry (FSDP2, tensor parallel: tensors spread over several ranks'
+files) is one more kind of :class:`EntryRead`: its metadata is read with the facts and checked against
+the live DTensors by :func:`check_entry`; its chunks are read after the load plan, into new memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._codec import decode
+from ._entries import Item
 from ._live import LiveEntry, same_structure
-from ._manifest import SCOPE_RANK, FileRecord, Manifest, entry_files
+from ._manifest import SCOPE_RANK, SCOPE_SHARDED, FileRecord, Manifest, entry_files
 from ._partial import Reset, check_only, is_scheduler, optimisation_group, plan_resets, scheduler_position
+from ._reshard import check_sharded
 from ._shapes import DEFAULT_SHAPE_FIX, check_keys, check_param_groups, check_shapes
+from ._shardmeta import ShardingMeta, index_file, meta_file, shard_file
 from ._tensorfile import TensorSpec, matches_exactly
 from .drift import DriftReport
 from .errors import CheckpointCorruptError, StateMismatchError
@@ -103,6 +107,10 @@ class EntryRead:
         tensors: its tensor file, if it has one.
         eager: read whole (into new memory) before :func:`plan_load`; otherwise only its header is,
             and its tensors after the plan (straight into live tensors when the plan says so).
+        shards: a sharded entry (its ``skeleton`` is then the sharding metadata, read before
+            :func:`plan_load`): every rank's shard file and chunk index the manifest lists, of which
+            this rank reads, after the plan, only the chunks its live shards overlap (each verified).
+            Empty for any other entry.
     """
 
     name: str
@@ -110,6 +118,12 @@ class EntryRead:
     skeleton: FileRef
     tensors: FileRef | None
     eager: bool
+    shards: tuple[FileRef, ...] = ()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the entry is sharded (FSDP2, tensor parallel): read from several ranks' files."""
+        return bool(self.shards)
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,9 @@ def plan_step(
         purpose = _purpose(e, options)
         if purpose is None or e.name not in manifest.entries:
             continue
+        if manifest.entries[e.name].scope == SCOPE_SHARDED:
+            reads.append(_sharded_read(manifest, e.name, purpose))
+            continue
         files = _files_of(manifest, e.name, rank)
         if files is None:
             absent += [e.name] if purpose == LOAD else []
@@ -196,6 +213,22 @@ def _files_of(m: Manifest, name: str, rank: int) -> tuple[FileRef, FileRef | Non
     return FileRef(json_name, m.files[json_name]), tensors
 
 
+def _sharded_read(m: Manifest, name: str, purpose: str) -> EntryRead:
+    """A sharded entry's read: its metadata before the load plan, the shards it lists after."""
+    meta = m.data_prefix + meta_file(name)
+    if meta not in m.files:
+        raise CheckpointCorruptError(f"checkpoint step {m.step}: manifest does not list '{meta}'")
+    names = [
+        m.data_prefix + rel
+        for r in m.entries[name].ranks
+        for rel in (shard_file(name, r), index_file(shard_file(name, r)))
+    ]
+    shards = tuple(FileRef(n, m.files[n]) for n in names if n in m.files)
+    if not shards:
+        raise CheckpointCorruptError(f"checkpoint step {m.step}: manifest lists no shard of entry '{name}'")
+    return EntryRead(name, purpose, FileRef(meta, m.files[meta]), None, False, shards)
+
+
 @dataclass(frozen=True)
 class Facts:
     """What was read of a step before its load plan.
@@ -204,15 +237,20 @@ class Facts:
         skeletons: entry -> its parsed JSON skeleton.
         specs: entry -> the tensors its file's header declares (entries not read whole).
         values: entry -> its decoded state (entries read whole, verified).
+        sharded: sharded entry -> its sharding metadata (verified and validated).
     """
 
     skeletons: Mapping[str, Any]
     specs: Mapping[str, Mapping[str, TensorSpec]]
     values: Mapping[str, Any]
+    sharded: Mapping[str, ShardingMeta] = field(default_factory=dict)
 
     def saved(self, name: str) -> Any:
         """The entry's saved state: decoded, or, before its tensors are read, decoded with stand-ins of
-        the right shape and dtype (one element of memory each), which every check needs."""
+        the right shape and dtype (one element of memory each), which every check needs; a sharded
+        entry's metadata (names, shapes and dtypes of every saved tensor)."""
+        if name in self.sharded:
+            return self.sharded[name]
         if name in self.values:
             return self.values[name]
         specs = self.specs.get(name, {})
@@ -261,20 +299,25 @@ def plan_load(
         CheckpointCorruptError: a skeleton that does not decode (falls back).
     """
     by_name = {e.name: e for e in entries}
+    items = [e.item for e in entries]
     positions: dict[str, int | None] = {}
     for r in step.reads:
         saved = facts.saved(r.name)
         if r.purpose == POSITION:
             positions[r.name] = scheduler_position(saved)
         else:
-            check_entry(by_name[r.name], saved, options)
+            check_entry(by_name[r.name], saved, options, items)
     state = {e.name: e.item.obj for e in entries}
     resets, notes = plan_resets(state, step.reset, positions)
     return LoadPlan(step, _in_place(step, facts, by_name), resets, notes)
 
 
-def check_entry(e: LiveEntry, saved: Any, options: RestoreOptions) -> None:
+def check_entry(e: LiveEntry, saved: Any, options: RestoreOptions, items: Sequence[Item] = ()) -> None:
     """Every check that can refuse loading ``saved`` into ``e``'s object, run before anything loads.
+
+    A sharded entry's ``saved`` is its :class:`~resumekit._shardmeta.ShardingMeta`: every saved name,
+    shape and dtype is checked against the live object's DTensors (or plain tensors); a sharded
+    optimizer's model is found among ``items``.
 
     Raises:
         StateMismatchError: a module's names or shapes, an optimizer's parameter groups.
@@ -283,6 +326,9 @@ def check_entry(e: LiveEntry, saved: Any, options: RestoreOptions) -> None:
         Whatever the object's ``resumekit_validate`` hook raises.
     """
     obj = e.item.obj
+    if isinstance(saved, ShardingMeta):
+        check_sharded(e.name, saved, obj, items)  # no validate hook: it would see metadata, not state
+        return
     # A mapping entry is cleared and updated in place, and a Module or Optimizer takes a dict:
     # anything else would fail half-applied.
     takes_dict = e.item.kind == "mapping" or isinstance(obj, (torch.nn.Module, torch.optim.Optimizer))
@@ -307,7 +353,7 @@ def _in_place(step: StepPlan, facts: Facts, by_name: Mapping[str, LiveEntry]) ->
     ``load_state_dict`` refuse. An optimizer whose tensors differ from the file's (a fresh one,
     without state yet) is read into new memory without stopping the others.
     """
-    lazy = [r for r in step.reads if not r.eager]
+    lazy = [r for r in step.reads if not r.eager and not r.sharded]  # shards go into new memory
     exact: set[str] = set()
     for r in lazy:
         view = by_name[r.name].view

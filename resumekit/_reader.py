@@ -22,6 +22,7 @@ from ._live import LiveEntry
 from ._manifest import step_dir
 from ._messages import CORRUPTED_AFTER_WRITE
 from ._plan import EntryRead, Facts, FileRef, LoadPlan, StepPlan
+from ._reshard import ShardFiles, read_meta, read_sharded
 from ._storage import Buffer, Storage
 from ._tensorfile import RangeReader, parse_head, read_raw_header, read_tensors, tensors_from_buffer
 from ._verify import verify_file
@@ -57,6 +58,7 @@ class StepReader(contextlib.ExitStack):
         self._open: dict[str, RangeReader] = {}
         self._fetched: dict[str, Future[Download]] = {}
         self._headers: dict[str, bytes] = {}
+        self._shards: ShardFiles | None = None
         self.callback(self._cancel_fetches)
 
     # -- the two passes -----------------------------------------------------------------------------
@@ -68,20 +70,30 @@ class StepReader(contextlib.ExitStack):
         skeletons: dict[str, Any] = {}
         specs: dict[str, Any] = {}
         values: dict[str, Any] = {}
+        sharded: dict[str, Any] = {}
         for r in self.plan.reads:
+            if r.sharded:  # its metadata now; the chunks this rank needs after the load plan
+                raw = self._whole(r.skeleton).tobytes()
+                sharded[r.name] = read_meta(raw, self._at(r.skeleton), self.plan.manifest)
+                continue
             skeletons[r.name] = self._skeleton(r.skeleton)
             if r.eager:
                 values[r.name] = self._decode(r, skeletons[r.name], self._tensors(r.tensors, None))
             elif r.tensors is not None:
                 raw = self._header(r.tensors)
                 specs[r.name] = parse_head(raw, r.tensors.record.size, self._at(r.tensors))
-        return Facts(skeletons, specs, values)
+        return Facts(skeletons, specs, values, sharded)
 
     def read_values(self, load: LoadPlan, facts: Facts, entries: Mapping[str, LiveEntry]) -> dict[str, Any]:
         """Every loaded entry's decoded state: the facts' whole reads, plus the tensor files read now
         (into the live tensors of ``load.in_place``)."""
         values = {n: v for n, v in facts.values.items() if n in load.loads}
+        items = [e.item for e in entries.values()]
         for r in load.step.reads:
+            if r.sharded:
+                obj = entries[r.name].item.obj
+                values[r.name] = read_sharded(self._shard_files(), r.name, facts.sharded[r.name], obj, items)
+                continue
             if r.eager:
                 continue
             view = entries[r.name].view
@@ -91,6 +103,14 @@ class StepReader(contextlib.ExitStack):
         return values
 
     # -- files ----------------------------------------------------------------------------------------
+
+    def _shard_files(self) -> ShardFiles:
+        """The step's shard files, read chunk by chunk where the storage allows; closed with the reader."""
+        if self._shards is None:
+            self._shards = self.enter_context(
+                ShardFiles(self.storage, self.plan.step, self.plan.manifest, self.where)
+            )
+        return self._shards
 
     def _at(self, ref: FileRef) -> str:
         return f"{self.where}/{ref.relpath}"

@@ -11,7 +11,6 @@ outcome so all ranks accept or reject a step together.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,15 +20,16 @@ import torch
 
 from ._codec import decode
 from ._entries import Item
+from ._json import parse_strict
 from ._manifest import Manifest
-from ._shardmeta import ShardingMeta, TensorRecord, index_file, meta_file
+from ._shardmeta import ShardingMeta, TensorRecord, index_file
 from ._shards import dtensor_type, owning_module, param_fqns
 from ._storage import Buffer, Storage
 from ._tensorfile import ST_TO_DTYPE, tensors_from_buffer
 from ._verify import crc_hex
 from .errors import CheckpointCorruptError, StateMismatchError
 
-__all__ = ["ShardedValue", "ShardFiles", "read_sharded"]
+__all__ = ["ShardFiles", "ShardedValue", "check_sharded", "read_meta", "read_sharded"]
 
 
 @dataclass
@@ -117,7 +117,8 @@ class ShardFiles:
         if idx_rel not in self.indexes:
             where = f"{self.where}/{idx_rel}"
             try:
-                index = json.loads(bytes(verified(self.storage, self.step, self.m, idx_rel, self.where)))
+                raw = bytes(verified(self.storage, self.step, self.m, idx_rel, self.where))
+                index = parse_strict(raw, where, "chunk index")
                 spans = [index["header"], *index["chunks"].values()]
                 size = self.m.files[rel].size if rel in self.m.files else -1
                 ok = index.get("format") == "resumekit.chunks" and all(
@@ -129,14 +130,7 @@ class ShardFiles:
                     and isinstance(s[2], str)
                     for s in spans
                 )
-            except (
-                UnicodeDecodeError,
-                json.JSONDecodeError,
-                RecursionError,
-                KeyError,
-                TypeError,
-                AttributeError,
-            ) as exc:
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointCorruptError(f"{where} is not a valid chunk index ({exc!r})") from exc
             if not ok:
                 raise CheckpointCorruptError(f"{where}: malformed chunk index, or spans outside '{rel}'")
@@ -178,46 +172,78 @@ def verified(storage: Storage, step: int, m: Manifest, relpath: str, where: str)
     return buf
 
 
-def read_sharded(files: ShardFiles, it: Item, items: Sequence[Item]) -> ShardedValue:
-    """Read entry ``it`` of a sharded checkpoint into fresh tensors laid out like ``it.obj``'s.
+def read_meta(raw: bytes, where: str, m: Manifest) -> ShardingMeta:
+    """An entry's sharding metadata (its file's verified bytes), validated against the manifest."""
+    prefix = m.data_prefix
+    known = {p[len(prefix) :]: r for p, r in m.files.items() if p.startswith(prefix)}
+    return ShardingMeta.from_json(raw, where, known)
+
+
+def _targets(name: str, meta: ShardingMeta, obj: Any, items: Sequence[Item]) -> _Targets:
+    """Each saved tensor's live counterpart (None: read whole into new memory), after checking every
+    name, shape and dtype against ``obj``; pure, so a refusal changes nothing."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    likes: dict[str, Any] = {}
+    if isinstance(obj, torch.nn.Module):
+        live: dict[str, Any] = dict(get_model_state_dict(obj))
+        _check_names(name, set(meta.tensors) | set(meta.values), set(live))
+        for k, rec in meta.tensors.items():
+            likes[k] = _check_like(name, k, rec, live[k], exact_dtype=True)
+        return _Targets(likes, None, True)
+    if isinstance(obj, torch.optim.Optimizer):
+        model = owning_module(obj, name, items)
+        params: dict[str, Any] = dict(get_model_state_dict(model))
+        fqns = param_fqns(model)
+        _check_optimizer_params(name, meta, {fqns[id(p)] for g in obj.param_groups for p in g["params"]})
+        for k, rec in meta.tensors.items():
+            param = params.get(k[len("state.") :].rsplit(".", 1)[0]) if k.startswith("state.") else None
+            like = param if param is not None and tuple(param.shape) == rec.shape else None
+            likes[k] = _check_like(name, k, rec, like, exact_dtype=False)
+        return _Targets(likes, model, False)
+    raise StateMismatchError(
+        f"checkpoint entry '{name}' is sharded; restore it into a Module or Optimizer, not a "
+        f"{type(obj).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class _Targets:
+    likes: dict[str, Any]
+    model: torch.nn.Module | None
+    exact_dtype: bool
+
+
+def check_sharded(name: str, meta: ShardingMeta, obj: Any, items: Sequence[Item]) -> None:
+    """Every check that can refuse restoring sharded entry ``name`` into ``obj``, without reading shards.
+
+    Raises:
+        StateMismatchError: names, shapes or dtypes differ from the live object (names them), or the
+            object is not a Module or Optimizer.
+        UnsupportedValueError: a sharded optimizer without its model in the state.
+        CheckpointCorruptError: a tensor of unknown dtype.
+    """
+    _targets(name, meta, obj, items)
+
+
+def read_sharded(
+    files: ShardFiles, name: str, meta: ShardingMeta, obj: Any, items: Sequence[Item]
+) -> ShardedValue:
+    """Read sharded entry ``name`` into fresh tensors laid out like ``obj``'s: only the chunks this
+    rank's shards overlap, each verified.
 
     Raises:
         CheckpointCorruptError: a file fails its checksum, or the metadata is inconsistent.
         StateMismatchError: names, shapes or dtypes differ from the live object (names them).
     """
-    m, prefix = files.m, files.m.data_prefix
-    rel = prefix + meta_file(it.name)
-    raw = verified(files.storage, files.step, m, rel, files.where)
-    known = {p[len(prefix) :]: r for p, r in m.files.items() if p.startswith(prefix)}
-    meta = ShardingMeta.from_json(bytes(raw), f"{files.where}/{rel}", known)
-    obj = it.obj
-    if isinstance(obj, torch.nn.Module):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        live: dict[str, Any] = dict(get_model_state_dict(obj))
-        _check_names(it.name, set(meta.tensors) | set(meta.values), set(live))
-        state = {k: _rebuild(files, it.name, k, meta.tensors[k], live[k]) for k in meta.tensors}
-        model = None
-    elif isinstance(obj, torch.optim.Optimizer):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        model = owning_module(obj, it.name, items)
-        params: dict[str, Any] = dict(get_model_state_dict(model))
-        fqns = param_fqns(model)
-        _check_optimizer_params(it.name, meta, {fqns[id(p)] for g in obj.param_groups for p in g["params"]})
-        state = {}
-        for k, rec in meta.tensors.items():
-            param = params.get(k[len("state.") :].rsplit(".", 1)[0]) if k.startswith("state.") else None
-            like = param if param is not None and tuple(param.shape) == rec.shape else None
-            state[k] = _rebuild(files, it.name, k, rec, like, exact_dtype=False)
-    else:
-        raise StateMismatchError(
-            f"checkpoint entry '{it.name}' is sharded; restore it into a Module or Optimizer, not a "
-            f"{type(obj).__name__}"
-        )
+    t = _targets(name, meta, obj, items)
+    state: dict[str, Any] = {
+        k: _rebuild(files, name, k, rec, t.likes[k], exact_dtype=t.exact_dtype)
+        for k, rec in meta.tensors.items()
+    }
     for k, v in meta.values.items():
-        state[k] = decode(v, _no_tensor, f"{it.name}.{k}")
-    return ShardedValue(it.name, meta, state, model)
+        state[k] = decode(v, _no_tensor, f"{name}.{k}")
+    return ShardedValue(name, meta, state, t.model)
 
 
 def _check_names(entry: str, saved: set[str], live: set[str]) -> None:
@@ -254,19 +280,7 @@ def _rebuild(
     )
     from torch.distributed.checkpoint.planner_helpers import _create_read_items
 
-    dtype = ST_TO_DTYPE.get(rec.dtype)
-    if dtype is None:
-        raise CheckpointCorruptError(f"{files.where}: tensor '{entry}.{key}' has unknown dtype {rec.dtype!r}")
-    if like is not None and tuple(like.shape) != rec.shape:
-        raise StateMismatchError(
-            f"sharded entry '{entry}': '{key}' has shape {list(rec.shape)} in the checkpoint but "
-            f"{list(like.shape)} in the live object. Restore into a model of the same architecture."
-        )
-    if like is not None and exact_dtype and like.dtype != dtype:
-        raise StateMismatchError(
-            f"sharded entry '{entry}': '{key}' is {dtype} in the checkpoint but {like.dtype} in the live "
-            "object; a restore is bit-exact only into the saved dtype. Cast the model before restoring."
-        )
+    dtype = _dtype(entry, key, rec)
     dt = dtensor_type()
     if like is not None and dt is not None and isinstance(like, dt):
         dlike: Any = like
@@ -311,6 +325,31 @@ def _rebuild(
             f"{files.where}: the saved chunks of '{entry}.{key}' leave part of this rank's shard unfilled"
         )
     return target
+
+
+def _dtype(entry: str, key: str, rec: TensorRecord) -> torch.dtype:
+    dtype = ST_TO_DTYPE.get(rec.dtype)
+    if dtype is None:
+        raise CheckpointCorruptError(
+            f"sharded entry '{entry}': tensor '{key}' has unknown dtype {rec.dtype!r}"
+        )
+    return dtype
+
+
+def _check_like(entry: str, key: str, rec: TensorRecord, like: Any, exact_dtype: bool) -> Any:
+    """``like`` (the live tensor ``key`` is read into, or None), after checking its shape and dtype."""
+    dtype = _dtype(entry, key, rec)
+    if like is not None and tuple(like.shape) != rec.shape:
+        raise StateMismatchError(
+            f"sharded entry '{entry}': '{key}' has shape {list(rec.shape)} in the checkpoint but "
+            f"{list(like.shape)} in the live object. Restore into a model of the same architecture."
+        )
+    if like is not None and exact_dtype and like.dtype != dtype:
+        raise StateMismatchError(
+            f"sharded entry '{entry}': '{key}' is {dtype} in the checkpoint but {like.dtype} in the live "
+            "object; a restore is bit-exact only into the saved dtype. Cast the model before restoring."
+        )
+    return like
 
 
 def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:

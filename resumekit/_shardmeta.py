@@ -120,12 +120,10 @@ class ShardingMeta:
             UnsupportedFormatError: (as CheckpointCorruptError's sibling) a newer sharding version.
             CheckpointCorruptError: anything malformed.
         """
+        from ._json import parse_strict
         from .errors import UnsupportedFormatError
 
-        try:
-            d = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CheckpointCorruptError(f"{where} is not valid JSON ({exc})") from exc
+        d = parse_strict(raw, where, "sharding metadata")
         if not isinstance(d, dict) or d.get("format") != "resumekit.sharded":
             raise CheckpointCorruptError(f"{where} is not resumekit sharding metadata")
         version = d.get("version")
