@@ -153,7 +153,40 @@ def _third(rank: int, world: int, root: Path) -> None:
     for kind, _, _ in FLIPS:
         got = _restore_and_compare(root, root / f"flip-{kind}", "w2-step1", rank)
         out[f"flip-{kind}"] = {"step": got["step"], "diff": got["diff"], "warnings": got["warnings"]}
+    out["crash"] = {phase: _crash_on_one_rank(root, rank, phase) for phase in ("check", "read")}
     write_result(root, "third", rank, out)
+
+
+class _Boom(Exception):
+    """Not a ResumeKitError: a bug or a torch error inside the sharded restore on one rank."""
+
+
+def _crash_on_one_rank(root: Path, rank: int, phase: str) -> dict[str, Any]:
+    """Restore with a non-ResumeKit exception on one rank only, while checking the live DTensors
+    (``check``: before the first agreement) or reading the chunks (``read``: before the second)."""
+    import resumekit._plan as plan_mod
+    import resumekit._reader as reader_mod
+
+    mod, attr, victim = (
+        (plan_mod, "check_sharded", 0) if phase == "check" else (reader_mod, "read_sharded", 1)
+    )
+    real = getattr(mod, attr)
+
+    def boom(*args: Any, **kw: Any) -> Any:
+        raise _Boom(f"injected on rank {rank}")
+
+    model, opt = _new()
+    before = gathered(model, opt)
+    if rank == victim:
+        setattr(mod, attr, boom)
+    try:
+        rk.Checkpointer(root / "w2").restore({"model": model, "optimizer": opt})
+        raised: list[str] | None = None
+    except Exception as exc:
+        raised = [type(exc).__name__, str(exc)]
+    finally:
+        setattr(mod, attr, real)
+    return {"victim": victim, "raised": raised, "unchanged": bitwise_diff(gathered(model, opt), before) == []}
 
 
 def _fourth(rank: int, world: int, root: Path) -> None:
@@ -245,6 +278,15 @@ def test_fsdp2_and_2d_mesh_save_and_reshard_bitwise(tmp_path: Path) -> None:
             assert any(
                 "step 2" in w and ("checksum" in w or "crc32c" in w) for w in r[f"flip-{kind}"]["warnings"]
             )
+        # A non-ResumeKit exception on one rank: every rank raises (none hangs, none falls back or
+        # loads), the others naming the failing rank; nothing live changed.
+        for phase, c in r["crash"].items():
+            assert c["unchanged"], phase
+            if rank == c["victim"]:
+                assert c["raised"] == ["_Boom", f"injected on rank {rank}"], phase
+            else:
+                assert c["raised"] is not None and c["raised"][0] == "StateMismatchError", phase
+                assert f"rank {c['victim']}" in c["raised"][1] and "_Boom" in c["raised"][1], phase
 
     launch(_fourth, 1, tmp_path, deadline=120)
     (fourth,) = read_results(tmp_path, "fourth", 1)
