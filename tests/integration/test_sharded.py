@@ -199,6 +199,11 @@ def _fourth(rank: int, world: int, root: Path) -> None:
         out["stray"] = None
     except rk.errors.UnsupportedValueError as exc:
         out["stray"] = str(exc)
+    # verify_after_save reads a sharded step back through the same restore plans.
+    info = rk.Checkpointer(root / "readback", verify_after_save=True).save(
+        {"model": got["model"], "optimizer": got["opt"]}, step=3
+    )
+    out["readback"] = info.step
     write_result(root, "fourth", rank, out)
 
 
@@ -293,6 +298,7 @@ def test_fsdp2_and_2d_mesh_save_and_reshard_bitwise(tmp_path: Path) -> None:
     assert fourth["step"] == 2 and fourth["diff"] == []
     assert fourth["stray"] is not None and "'w' is a DTensor" in fourth["stray"]
     assert not (tmp_path / "stray" / "step-000000000001").exists()
+    assert fourth["readback"] == 3
 
     # No process group at all: the world-2 checkpoint into a plain model and optimizer.
     assert not dist.is_initialized()
