@@ -280,7 +280,7 @@ def child_resumekit_ra(args: argparse.Namespace) -> dict[str, Any]:
     # Where the time goes, measured again after the timed part (so slightly warmer than above).
     import numpy as np
 
-    from resumekit._permutation import RandomAccessPermutation
+    from resumekit.data.permutation import RandomAccessPermutation
 
     t1 = time.perf_counter()
     perm = RandomAccessPermutation(args.length, SEED, 0)

@@ -43,9 +43,9 @@ import bench_save_restore as bsr  # noqa: E402
 import resumekit  # noqa: E402
 
 CHUNK = 64 << 20
-READ_THREADS = 4  # resumekit._tensorfile._READ_WORKERS
+READ_THREADS = 4  # resumekit.format.tensorfile._READ_WORKERS
 WRITE_THREADS_MAX = 4  # LocalStorage.parallel_files
-BIG = 8 << 20  # resumekit._save._PARALLEL_MIN_BYTES
+BIG = 8 << 20  # resumekit.engine.save._PARALLEL_MIN_BYTES
 
 
 def checkpoint_files(step_dir: str) -> dict[str, bytes]:

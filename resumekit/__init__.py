@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from ._protocol import TrainingState
-from .checkpointer import Checkpointer, CheckpointInfo, RestoreResult
-from .drift import DriftPolicy
-from .errors import ResumeKitError
-from .grads import AccumulatedGradients
-from .loader import ResumableLoader
-from .rng import RNGState
-from .sampler import ResumableSampler
+from resumekit._protocol import TrainingState
+from resumekit.checkpointer import Checkpointer, CheckpointInfo, RestoreResult
+from resumekit.drift import DriftPolicy
+from resumekit.errors import ResumeKitError
+from resumekit.grads import AccumulatedGradients
+from resumekit.loader import ResumableLoader
+from resumekit.rng import RNGState
+from resumekit.sampler import ResumableSampler
 
 __version__ = "0.1.0"
 

@@ -15,14 +15,20 @@ from typing import Any
 
 import torch
 
-from . import _retention
-from ._apply import apply_plan
-from ._async import AsyncSaves
-from ._dist import World, current_world
-from ._entries import Item, check_step, items_of
-from ._env import collect_environment, resumekit_version
-from ._live import live_entries
-from ._manifest import (
+from resumekit._messages import not_committed
+from resumekit.drift import DriftPolicy, DriftReport, compare
+from resumekit.engine.apply import apply_plan
+from resumekit.engine.collectives import World, current_world
+from resumekit.engine.entries import Item, check_step, items_of
+from resumekit.engine.environment import collect_environment, resumekit_version
+from resumekit.engine.live import live_entries
+from resumekit.engine.plan import RestoreOptions
+from resumekit.engine.readback import verify_committed
+from resumekit.engine.reader import positional_reads
+from resumekit.engine.restore import read_newest
+from resumekit.engine.save import Snapshot, take_snapshot, write
+from resumekit.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from resumekit.format.manifest import (
     FORMAT_VERSION,
     SCOPE_RANK,
     SCOPE_SHARDED,
@@ -33,15 +39,9 @@ from ._manifest import (
     current_format,
     step_dir,
 )
-from ._messages import not_committed
-from ._plan import RestoreOptions
-from ._readback import verify_committed
-from ._reader import positional_reads
-from ._restore import read_newest
-from ._save import Snapshot, take_snapshot, write
-from ._storage import Storage, open_storage
-from .drift import DriftPolicy, DriftReport, compare
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from resumekit.staging.background import AsyncSaves
+from resumekit.storage import retention as _retention
+from resumekit.storage.local import Storage, open_storage
 
 __all__ = ["CheckpointInfo", "Checkpointer", "RestoreResult"]
 
@@ -107,7 +107,7 @@ class Checkpointer:
             the environment so a change on resume is reported as drift.
         storage: the storage backend to read and write through instead of the one ``url`` opens
             (``url`` and ``storage_options`` are then not used; the checkpointer's ``url`` is the
-            storage's). For tests and fault injection: wrap ``resumekit._storage.open_storage(url)``.
+            storage's). For tests and fault injection: wrap ``resumekit.storage.local.open_storage(url)``.
         verify_after_save: after each commit, read the step back as ``restore()`` would (every
             checksum, header and skeleton, on every rank) before retention runs, and raise
             ``CheckpointCorruptError`` if it does not read back. Guards against storage that loses or

@@ -1,6 +1,6 @@
 """What changed between the run that saved a checkpoint and the run restoring it.
 
-A checkpoint records the environment (:func:`resumekit._env.collect_environment`) and the user's
+A checkpoint records the environment (:func:`resumekit.engine.environment.collect_environment`) and the user's
 ``config=`` mapping. On restore, :func:`compare` turns the differences into a :class:`DriftReport` of
 :class:`DriftItem` s, each with a severity chosen by a :class:`DriftPolicy`. Everything here is pure:
 no I/O, no global state, so the same comparison backs ``Checkpointer.restore`` and ``resumekit drift``.
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from resumekit._drift_rules import (
+from resumekit.engine.drift_rules import (
     BATCH_SIZE_KEYS,
     GRAD_ACCUMULATION_KEYS,
     MISSING,
@@ -348,7 +348,7 @@ def compare(
     Args:
         saved_env: The environment recorded at save (``manifest["environment"]``).
         saved_config: The config recorded at save.
-        current_env: This process's environment (:func:`resumekit._env.collect_environment`).
+        current_env: This process's environment (:func:`resumekit.engine.environment.collect_environment`).
         current_config: The config passed to the current ``Checkpointer``.
         policy: Severities; ``DriftPolicy()`` by default.
         saved_format: The checkpoint's ``format_version``; compared only when both formats are given.

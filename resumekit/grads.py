@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ._keys import unwrap_model
-from .errors import StateMismatchError
+from resumekit.engine.keys import unwrap_model
+from resumekit.errors import StateMismatchError
 
 __all__ = ["AccumulatedGradients"]
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
-from resumekit._loaderwatch import note_restored_cpu_state
+from resumekit.data.loaderwatch import note_restored_cpu_state
 from resumekit.errors import StateMismatchError
 
 __all__ = ["RNGState"]

@@ -15,7 +15,7 @@ sample the epoch has not yet seen is visited exactly once across the new ranks (
 
 Order kinds. ``"torch"`` (the default) is ``DistributedSampler``'s order, built whole with
 ``torch.randperm``. ``"random-access"`` is a keyed pseudo-random permutation that gives any position's
-element directly (:mod:`resumekit._permutation`): the sampler computes its rank's indices chunk by chunk
+element directly (:mod:`resumekit.data.permutation`): the sampler computes its rank's indices chunk by chunk
 from its positions in the padded partition (segment position ``q`` is element ``start + q % remaining``
 of the order, which is exactly the padding rule above), so landing anywhere costs one small chunk and
 memory does not grow with the dataset. Partitioning, positions and the record are the same for both.
@@ -31,8 +31,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from resumekit import _loaderwatch
-from resumekit._epoch_order import (
+from resumekit.data import loaderwatch as _loaderwatch
+from resumekit.data.epoch_order import (
     _ORDER_KINDS,
     OrderKind,
     _partition,
@@ -40,8 +40,8 @@ from resumekit._epoch_order import (
     partition_indices,
     per_rank_count,
 )
-from resumekit._permutation import RandomAccessPermutation, strided_chunks
-from resumekit._sampler_record import validated as _validated
+from resumekit.data.permutation import RandomAccessPermutation, strided_chunks
+from resumekit.data.sampler_record import validated as _validated
 from resumekit.errors import StateMismatchError
 
 __all__ = [

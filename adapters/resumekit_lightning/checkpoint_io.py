@@ -30,8 +30,8 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 import resumekit
 from resumekit import Checkpointer, DriftPolicy, RestoreResult
-from resumekit._storage import publish_folder
 from resumekit.errors import CheckpointNotFoundError, StepExistsError, UnsafeCheckpointError
+from resumekit.storage.local import publish_folder
 
 from ._layout import ENTRY_NAMES, Holder, UnsupportedHparams, from_entries, to_entries
 

@@ -6,8 +6,8 @@ this package.
 
 from __future__ import annotations
 
-from .resume import ComplianceError, check_resume, check_roundtrip
-from .strategies import assert_identical, nested_states, tensors
+from resumekit.testing.resume import ComplianceError, check_resume, check_roundtrip
+from resumekit.testing.strategies import assert_identical, nested_states, tensors
 
 __all__ = [
     "ComplianceError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .resume import _resolve, _segment
+from resumekit.testing.resume import _resolve, _segment
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])

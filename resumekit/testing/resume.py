@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checkpointer import Checkpointer
-from ..errors import ResumeKitError
+from resumekit.checkpointer import Checkpointer
+from resumekit.errors import ResumeKitError
 
 __all__ = ["ComplianceError", "check_resume", "check_roundtrip"]
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from resumekit._tensorfile import DTYPE_TO_ST
+from resumekit.format.tensorfile import DTYPE_TO_ST
 
 __all__ = [
     "TENSOR_DTYPES",

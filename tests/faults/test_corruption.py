@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import resumekit as rk
-from resumekit._manifest import seal
-from resumekit._tensorfile import parse_header
 from resumekit.errors import CheckpointCorruptError
+from resumekit.format.manifest import seal
+from resumekit.format.tensorfile import parse_header
 from resumekit.testing.strategies import assert_identical
 
 STEP1, STEP2 = "step-000000000001", "step-000000000002"

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit import _storage
 from resumekit.errors import StorageError
+from resumekit.storage import local as _storage
 from resumekit.testing.strategies import assert_identical
 
 OPS = ("mkdir", "open-w", "write", "flush", "fsync", "rename")

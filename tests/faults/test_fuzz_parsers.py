@@ -27,13 +27,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import resumekit as rk
-from resumekit._codec import TensorTable, decode, encode
-from resumekit._env import collect_environment
-from resumekit._json import parse_strict
-from resumekit._manifest import FORMAT_VERSION, MAX_FILE_BYTES, FileRecord, Manifest, seal
-from resumekit._tensorfile import ST_TO_DTYPE, parse_header, tensors_from_buffer
 from resumekit.drift import DriftPolicy, compare
+from resumekit.engine.environment import collect_environment
 from resumekit.errors import CheckpointCorruptError, ResumeKitError
+from resumekit.format.codec import TensorTable, decode, encode
+from resumekit.format.manifest import FORMAT_VERSION, MAX_FILE_BYTES, FileRecord, Manifest, seal
+from resumekit.format.strict_json import parse_strict
+from resumekit.format.tensorfile import ST_TO_DTYPE, parse_header, tensors_from_buffer
 
 pytestmark = pytest.mark.timeout(120)
 

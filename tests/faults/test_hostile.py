@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._manifest import Manifest, seal
 from resumekit.errors import CheckpointCorruptError, UnsafeCheckpointError
+from resumekit.format.manifest import Manifest, seal
 from resumekit.testing.strategies import assert_identical
 
 STEP1, STEP2 = "step-000000000001", "step-000000000002"

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import resumekit as rk
-from resumekit._storage import LocalStorage
 from resumekit.errors import CheckpointCorruptError, ResumeKitError, UnsafeCheckpointError
+from resumekit.storage.local import LocalStorage
 from resumekit.testing.strategies import assert_identical
 
 STEP1, STEP2, STEP100 = "step-000000000001", "step-000000000002", "step-000000000100"
@@ -243,7 +243,7 @@ def test_linked_subfolder_inside_a_step_is_not_followed(two_steps: Path, tmp_pat
 
 
 def test_oversized_manifest_is_refused_before_it_is_read(two_steps: Path) -> None:
-    from resumekit._manifest import MAX_MANIFEST_BYTES
+    from resumekit.format.manifest import MAX_MANIFEST_BYTES
 
     manifest = two_steps / STEP2 / "manifest.json"
     with open(manifest, "r+b") as f:

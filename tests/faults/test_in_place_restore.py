@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._tensorfile import parse_header
 from resumekit.errors import CheckpointCorruptError, StateMismatchError
+from resumekit.format.tensorfile import parse_header
 from resumekit.testing.strategies import assert_identical
 
 STEP1, STEP2 = "step-000000000001", "step-000000000002"

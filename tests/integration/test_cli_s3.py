@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._manifest import step_dir
 from resumekit.cli import main
+from resumekit.format.manifest import step_dir
 
 pytestmark = pytest.mark.s3
 

@@ -164,8 +164,8 @@ class _Boom(Exception):
 def _crash_on_one_rank(root: Path, rank: int, phase: str) -> dict[str, Any]:
     """Restore with a non-ResumeKit exception on one rank only, while checking the live DTensors
     (``check``: before the first agreement) or reading the chunks (``read``: before the second)."""
-    import resumekit._plan as plan_mod
-    import resumekit._reader as reader_mod
+    import resumekit.engine.plan as plan_mod
+    import resumekit.engine.reader as reader_mod
 
     mod, attr, victim = (
         (plan_mod, "check_sharded", 0) if phase == "check" else (reader_mod, "read_sharded", 1)

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from resumekit._shardmeta import (
+from resumekit.errors import CheckpointCorruptError, UnsupportedFormatError, UnsupportedValueError
+from resumekit.sharding.metadata import (
     SHARDING_VERSION,
     ChunkRecord,
     ShardingMeta,
@@ -16,7 +17,6 @@ from resumekit._shardmeta import (
     assign_owners,
     check_ranks_agree,
 )
-from resumekit.errors import CheckpointCorruptError, UnsupportedFormatError, UnsupportedValueError
 
 
 def _plan(chunks: list[list[Any]], values: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""resumekit._cloud / resumekit._transfer against real servers on loopback (moto, GCS emulator).
+"""resumekit.storage.objectstore / resumekit.storage.transfer against real servers on loopback (moto, GCS emulator).
 
 Faults come from the fault proxy; nothing is mocked. A few pure tests (retry classification,
 memory://) run without any server.
@@ -15,7 +15,8 @@ import crc32c
 import fsspec
 import pytest
 
-from resumekit._cloud import (
+from resumekit.errors import CheckpointCorruptError, CommitConflictError, StorageError
+from resumekit.storage.objectstore import (
     RetryPolicy,
     abort_stale_uploads,
     find_orphans,
@@ -26,8 +27,7 @@ from resumekit._cloud import (
     s3_default_options,
     single_retry_layer,
 )
-from resumekit._transfer import S3ParallelWriter, download_into, download_many, open_upload
-from resumekit.errors import CheckpointCorruptError, CommitConflictError, StorageError
+from resumekit.storage.transfer import S3ParallelWriter, download_into, download_many, open_upload
 
 try:
     from .fault_proxy import Fault, FaultProxy

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._cloud import put_if_absent
 from resumekit.errors import CommitConflictError, StepExistsError
+from resumekit.storage.objectstore import put_if_absent
 from resumekit.testing.strategies import assert_identical
 
 try:

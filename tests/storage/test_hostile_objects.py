@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 import resumekit as rk
-import resumekit._storage as storage_mod
-from resumekit._manifest import seal
-from resumekit._storage import FsspecStorage
+import resumekit.storage.local as storage_mod
 from resumekit.errors import CheckpointCorruptError, StorageError, UnsafeCheckpointError
+from resumekit.format.manifest import seal
+from resumekit.storage.local import FsspecStorage
 from resumekit.testing.strategies import assert_identical
 
 try:
@@ -128,7 +128,7 @@ def test_read_file_checks_the_real_size_before_allocating(memory_root: str, allo
 
 
 def test_oversized_manifest_object_is_refused_without_reading_it_whole(memory_root: str) -> None:
-    from resumekit._manifest import MAX_MANIFEST_BYTES
+    from resumekit.format.manifest import MAX_MANIFEST_BYTES
 
     ckpt = rk.Checkpointer(memory_root)
     ckpt.save(_state(1), step=1)
@@ -230,7 +230,7 @@ def test_server_gone_during_a_save_raises_storage_error(
 
 
 def test_client_exception_classes_become_storage_error() -> None:
-    from resumekit._cloud import storage_boundary, to_storage_error
+    from resumekit.storage.objectstore import storage_boundary, to_storage_error
 
     class EndpointConnectionError(Exception):  # botocore's, by name and module
         __module__ = "botocore.exceptions"

@@ -46,8 +46,8 @@ _WRITER = textwrap.dedent(
     import functools, json, os, signal, sys
     import torch
     import resumekit as rk
-    import resumekit._cloud as cloud
-    import resumekit._transfer as transfer
+    import resumekit.storage.objectstore as cloud
+    import resumekit.storage.transfer as transfer
 
     url, options, step, mode, numel = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     if mode == "before-manifest":

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import resumekit as rk
-from resumekit._storage import open_storage
 from resumekit.errors import CommitConflictError, StepExistsError
+from resumekit.storage.local import open_storage
 
 try:
     from ._backends import HookedStorage, assert_restored, snapshot, step_dir

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resumekit as rk
-from resumekit import _cuda
+from resumekit.staging import cuda as _cuda
 
 pytestmark = [
     pytest.mark.gpu,

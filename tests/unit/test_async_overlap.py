@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import resumekit as rk
-from resumekit import _staging
 from resumekit.errors import StagingError
+from resumekit.staging import buffers as _staging
 
 # (staging, staging_budget): the old full copy, the default, a bounded pool, and no pool at all
 # (every pending tensor is streamed by the writer straight from live memory).

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import resumekit as rk
-from resumekit._storage import open_storage
 from resumekit.errors import StepExistsError
+from resumekit.storage.local import open_storage
 
 
 def _model() -> torch.nn.Module:

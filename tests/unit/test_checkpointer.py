@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._storage import Stage, Storage, open_storage
 from resumekit.errors import (
     CheckpointNotFoundError,
     StateMismatchError,
     StepExistsError,
     UnsafeCheckpointError,
 )
+from resumekit.storage.local import Stage, Storage, open_storage
 from resumekit.testing.strategies import assert_identical
 
 

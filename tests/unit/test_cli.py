@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import resumekit as rk
-from resumekit._cli_diff import max_abs_diff
-from resumekit._cli_io import parse_storage_options, split_target
-from resumekit._manifest import FORMAT_VERSION, UNSHARDED_FORMAT_VERSION, seal, step_dir
 from resumekit.cli import main
+from resumekit.cli.access import parse_storage_options, split_target
+from resumekit.cli.diff import max_abs_diff
+from resumekit.format.manifest import FORMAT_VERSION, UNSHARDED_FORMAT_VERSION, seal, step_dir
 
 SCRIPT = shutil.which("resumekit", path=str(Path(sys.executable).parent))
 

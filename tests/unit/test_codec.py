@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import resumekit as rk
-from resumekit._codec import TensorTable, decode, encode
-from resumekit._tensorfile import DTYPE_TO_ST, tensors_from_buffer, write_tensors
 from resumekit.errors import UnsupportedValueError
+from resumekit.format.codec import TensorTable, decode, encode
+from resumekit.format.tensorfile import DTYPE_TO_ST, tensors_from_buffer, write_tensors
 from resumekit.testing.strategies import TENSOR_DTYPES, assert_identical, nested_states, tensors
 
 

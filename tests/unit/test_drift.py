@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from resumekit._env import collect_environment
 from resumekit.drift import (
     MISSING,
     DriftItem,
@@ -19,6 +18,7 @@ from resumekit.drift import (
     DriftWarning,
     compare,
 )
+from resumekit.engine.environment import collect_environment
 from resumekit.errors import DriftError, ResumeKitError
 
 BASE_ENV: dict[str, Any] = {

@@ -10,7 +10,12 @@ import pytest
 import torch
 from packaging.version import Version
 
-from resumekit._env import ENV_KEYS, collect_environment, format_cudnn_version, resumekit_version
+from resumekit.engine.environment import (
+    ENV_KEYS,
+    collect_environment,
+    format_cudnn_version,
+    resumekit_version,
+)
 
 
 def test_keys_and_values_match_this_process() -> None:

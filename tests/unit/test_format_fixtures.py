@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import resumekit as rk
 
 # The format written for unsharded state; sharded checkpoints (format 2) have tests/fixtures/sharded-v2/.
-from resumekit._manifest import UNSHARDED_FORMAT_VERSION as FORMAT_VERSION
+from resumekit.format.manifest import UNSHARDED_FORMAT_VERSION as FORMAT_VERSION
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SINGLE = sorted(p for p in FIXTURES.glob("format-v*") if not p.name.endswith("-world2"))

@@ -12,15 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from resumekit._env import collect_environment
-from resumekit._keys import (
+from resumekit.engine.environment import collect_environment
+from resumekit.engine.keys import (
     canonical_key_map,
     canonical_state_dict,
     load_canonical,
     to_model_keys,
     unwrap_model,
 )
-from resumekit._shapes import (
+from resumekit.engine.shapes import (
     PartialLoad,
     ShapeMismatch,
     check_keys,

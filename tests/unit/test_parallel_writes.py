@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import resumekit as rk
-from resumekit import _storage
 from resumekit.errors import StorageError
+from resumekit.storage import local as _storage
 
 BIG = 3 << 20  # float32 elements: 12 MiB per tensor file, above the threshold for a thread of its own
 

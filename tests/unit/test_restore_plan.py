@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from resumekit._codec import TensorTable, encode
-from resumekit._entries import items_of
-from resumekit._live import live_entries
-from resumekit._manifest import SCOPE_RANK, SCOPE_REPLICATED, Entry, FileRecord, Manifest
-from resumekit._partial import Reset, module_state
-from resumekit._plan import (
+from resumekit.drift import DriftItem, DriftReport
+from resumekit.engine.entries import items_of
+from resumekit.engine.live import live_entries
+from resumekit.engine.partial import Reset, module_state
+from resumekit.engine.plan import (
     LOAD,
     POSITION,
     Facts,
@@ -23,9 +22,10 @@ from resumekit._plan import (
     plan_load,
     plan_step,
 )
-from resumekit._tensorfile import TensorSpec
-from resumekit.drift import DriftItem, DriftReport
 from resumekit.errors import CheckpointCorruptError, DriftError, StateMismatchError
+from resumekit.format.codec import TensorTable, encode
+from resumekit.format.manifest import SCOPE_RANK, SCOPE_REPLICATED, Entry, FileRecord, Manifest
+from resumekit.format.tensorfile import TensorSpec
 
 NO_DRIFT = DriftReport()
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from resumekit._entries import items_of
-from resumekit._live import live_entries
-from resumekit._plan import Facts, RestoreOptions, plan_load, plan_step
-from resumekit._reshard import read_meta
-from resumekit._verify import step_manifest
 from resumekit.drift import DriftReport
+from resumekit.engine.entries import items_of
+from resumekit.engine.live import live_entries
+from resumekit.engine.plan import Facts, RestoreOptions, plan_load, plan_step
 from resumekit.errors import CheckpointCorruptError, StateMismatchError
+from resumekit.sharding.reshard import read_meta
+from resumekit.storage.verify import step_manifest
 
 STEP = Path(__file__).resolve().parents[1] / "fixtures" / "sharded-v2" / "root" / "step-000000000002"
 

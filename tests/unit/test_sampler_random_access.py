@@ -18,8 +18,8 @@ from _sampler_helpers import Unreadable, assert_exact_repartition, take
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from resumekit import _permutation
-from resumekit._permutation import RandomAccessPermutation
+from resumekit.data import permutation as _permutation
+from resumekit.data.permutation import RandomAccessPermutation
 from resumekit.errors import ResumeKitError, StateMismatchError
 from resumekit.sampler import ResumableSampler, epoch_order, partition_indices, per_rank_count
 

@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from resumekit._tensorfile import (
+from resumekit.errors import CheckpointCorruptError, UnsafeCheckpointError
+from resumekit.format.tensorfile import (
     DTYPE_TO_ST,
     MAX_HEADER_BYTES,
     parse_header,
     tensors_from_buffer,
     write_tensors,
 )
-from resumekit.errors import CheckpointCorruptError, UnsafeCheckpointError
 
 
 def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:

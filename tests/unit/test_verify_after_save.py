@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import resumekit as rk
-from resumekit._manifest import step_dir
-from resumekit._storage import LocalStorage, Stage
 from resumekit.errors import CheckpointCorruptError
+from resumekit.format.manifest import step_dir
+from resumekit.storage.local import LocalStorage, Stage
 
 
 class _LyingStage:

@@ -1,0 +1,214 @@
+"""The save path: capture the state (snapshot), write its files on every rank, commit from rank 0."""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable
+
+import crc32c
+import torch
+
+from resumekit.engine.collectives import World, describe
+from resumekit.engine.entries import Item, check_step, items_of
+from resumekit.engine.partial import module_state
+from resumekit.errors import StepExistsError, StorageError
+from resumekit.format.codec import TensorTable, encode_entry
+from resumekit.format.manifest import SCOPE_REPLICATED, SCOPE_SHARDED, FileRecord, Manifest, entry_files
+from resumekit.format.tensorfile import write_tensors
+from resumekit.sharding.shards import LocalShards, agree, capture, write_jobs
+from resumekit.staging.buffers import OverlapStager
+from resumekit.storage.local import Stage, Storage
+from resumekit.storage.verify import crc_hex
+
+__all__ = ["Snapshot", "take_snapshot", "write"]
+
+
+@dataclass
+class Snapshot:
+    """One save's state, captured: encoded skeletons and the tensors to write."""
+
+    step: int
+    writer: str
+    world: World
+    items: list[Item]
+    t0: float
+    encoded: list[tuple[Item, bytes, dict[str, torch.Tensor]]] = field(default_factory=list)
+    stager: OverlapStager | None = None  # async: where the writer gets each tensor's staged copy
+    sharded: list[LocalShards] = field(default_factory=list)  # FSDP2/TP entries: this rank's chunks
+
+
+def take_snapshot(
+    storage: Storage,
+    url: str,
+    state: Mapping[str, Any],
+    step: int,
+    world: World,
+    stager: OverlapStager | None,
+    per_rank: frozenset[str],
+) -> Snapshot:
+    """Capture ``state`` for checkpoint ``step``: validate, agree on a writer id, encode every entry.
+
+    With ``stager`` (the async path), every non-tensor value is encoded now and every tensor is either
+    copied now or registered with the stager, which copies it before anything can change it: the
+    snapshot holds the values of this moment. Without, tensors are referenced in place and streamed by
+    :func:`write`.
+    Every rank raises together if any rank failed.
+    """
+    t0 = time.perf_counter()
+    step = check_step(step)
+    items = items_of(state, per_rank)
+    plan = world.broadcast_json(
+        {"exists": storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
+        if world.rank == 0
+        else None
+    )
+    if plan["exists"]:
+        raise StepExistsError(
+            f"step {step} already exists in '{url}'; checkpoints are never overwritten. Save under a "
+            "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
+        )
+    snap = Snapshot(step, plan["writer"], world, items, t0, stager=stager)
+    error: Exception | None = None
+    try:
+        # Items are ordered RNG first: its state is captured before any other state_dict() runs.
+        for it in items:
+            if it.scope == SCOPE_SHARDED:
+                snap.sharded.append(capture(it, items, stager))
+                continue
+            if it.scope == SCOPE_REPLICATED and world.rank != 0:
+                continue
+            if isinstance(it.obj, torch.nn.Module):
+                raw_state: Any = module_state(it.obj)  # canonical keys: loads wrapped or not
+            elif it.kind == "state":
+                raw_state = it.obj.state_dict()
+            else:
+                raw_state = dict(it.obj)
+            table = TensorTable()
+            skeleton = encode_entry(raw_state, table, it.name)  # refuses what could not restore
+            tensors = stager.add(it.name, it.obj, table.tensors) if stager is not None else table.tensors
+            snap.encoded.append((it, skeleton, tensors))
+    except Exception as exc:
+        error = exc
+    # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
+    # forever in a collective of _write).
+    world.gather_outcomes(error).raise_failures(
+        error,
+        lambda failed: StorageError(
+            f"saving step {step} failed on {failed}. Nothing was written; earlier checkpoints are intact."
+        ),
+    )
+    if any(it.scope == SCOPE_SHARDED for it in items):
+        agree(snap.sharded, world)  # raises on every rank together
+    return snap
+
+
+def write(
+    storage: Storage, snap: Snapshot, make_manifest: Callable[[str, dict[str, FileRecord]], Manifest]
+) -> int:
+    """Write a snapshot's files on every rank, then commit the manifest from rank 0.
+
+    Returns:
+        The bytes written across all ranks.
+
+    Raises:
+        The local failure on the rank where it happened; StorageError naming the failing ranks elsewhere.
+        Nothing is visible after a failure.
+    """
+    world, step = snap.world, snap.step
+    stage: Stage | None = None
+    files: dict[str, FileRecord] = {}
+    local_exc: BaseException | None = None
+    try:
+        stage = storage.stage(step, snap.writer)
+        files = _write_files(stage, snap, world)
+    except Exception as exc:
+        local_exc = exc
+    outcomes = world.gather_outcomes(local_exc, payload={p: [r.size, r.crc32c] for p, r in files.items()})
+    if outcomes.failures and stage is not None:
+        stage.abort()
+    outcomes.raise_failures(
+        local_exc,
+        lambda failed: StorageError(
+            f"saving step {step} failed on {failed}. Nothing was committed; earlier checkpoints are intact."
+        ),
+    )
+    reports = outcomes.payloads
+    commit_error = None
+    if world.rank == 0 and stage is not None:
+        all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r.items()}
+        manifest = make_manifest(stage.data_prefix, all_files)
+        try:
+            stage.commit(manifest.to_json())
+        except Exception as exc:
+            stage.abort()
+            local_exc = exc
+            commit_error = describe(exc)
+    commit_error = world.broadcast_json(commit_error)
+    if commit_error:
+        if local_exc is not None:
+            raise local_exc
+        raise StorageError(f"rank 0 could not commit step {step}: {commit_error}")
+    return sum(size for r in reports for size, _ in r.values())
+
+
+def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRecord]:
+    """Write every entry's files, up to ``stage.parallel_files`` at once; return their records.
+
+    Every file is finished (durable, or failed) before this returns or raises, so an abort that
+    follows a failure never races a write still in progress.
+    """
+    Fill = Callable[[IO[bytes]], "tuple[int, int]"]
+    jobs: list[tuple[int, str, Fill]] = []  # (bytes, path, writes the file and returns (size, crc))
+    for it, skeleton, tensors in snap.encoded:
+        json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(tensors))
+        jobs.append((len(skeleton), stage.data_prefix + json_name, functools.partial(_write_bytes, skeleton)))
+        if st_name is not None:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            source = functools.partial(snap.stager.source, it.name) if snap.stager is not None else None
+            jobs.append(
+                (
+                    nbytes,
+                    stage.data_prefix + st_name,
+                    functools.partial(write_tensors, tensors=tensors, source=source),
+                )
+            )
+    jobs.extend((n, stage.data_prefix + rel, fill) for n, rel, fill in write_jobs(snap.sharded, world.rank))
+
+    def run(job: tuple[int, str, Fill]) -> tuple[str, FileRecord]:
+        _, relpath, fill = job
+        with stage.open_write(relpath) as f:
+            size, crc = fill(f)
+        return relpath, FileRecord(size, crc_hex(crc))
+
+    workers = min(getattr(stage, "parallel_files", 1), sum(1 for n, _, _ in jobs if n >= _PARALLEL_MIN_BYTES))
+    if workers <= 1:
+        records = dict(run(job) for job in jobs)
+    else:
+        records = _run_parallel(run, jobs, workers)
+    if snap.stager is not None:
+        snap.stager.raise_error()  # a copy that cannot be proven to hold the call's values: no commit
+    return records
+
+
+def _run_parallel(
+    run: Callable[[Any], tuple[str, FileRecord]], jobs: list[Any], workers: int
+) -> dict[str, FileRecord]:
+    jobs.sort(key=lambda job: -job[0])  # big files first: small ones fill the gaps, not the tail
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-write") as pool:
+        futures = [pool.submit(run, job) for job in jobs]
+        wait(futures)
+    return dict(f.result() for f in futures)  # raises the first failure, after every file finished
+
+
+#: Files smaller than this are not worth a thread of their own.
+_PARALLEL_MIN_BYTES = 8 << 20
+
+
+def _write_bytes(data: bytes, f: IO[bytes]) -> tuple[int, int]:
+    f.write(data)
+    return len(data), crc32c.crc32c(data)

@@ -1,0 +1,322 @@
+"""Sharded entries on the save path: detect them, capture each rank's own chunks, agree on a plan.
+
+A sharded entry is a Module holding DTensor parameters or buffers (FSDP2's ``fully_shard``, tensor
+parallel, 2-D meshes) or an Optimizer over such parameters. Its state is flattened with DCP's public
+state-dict helpers, and each DTensor's local chunk (offsets and sizes in the global tensor) comes from
+DCP's own planner helpers, so the chunk arithmetic is torch's. What DCP would exchange with pickle
+(plans, de-duplication) is exchanged here as JSON through :class:`~resumekit.engine.collectives.World`, and nothing
+is gathered to one rank: each rank writes only the chunks it owns.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable
+
+import crc32c
+import torch
+
+from resumekit.engine.collectives import World
+from resumekit.engine.entries import Item
+from resumekit.errors import UnsupportedValueError
+from resumekit.format.codec import TensorTable, encode
+from resumekit.format.tensorfile import DTYPE_TO_ST, _host_bytes, _layout, write_tensors
+from resumekit.sharding.metadata import (
+    ChunkRecord,
+    ShardingMeta,
+    TensorRecord,
+    assign_owners,
+    check_ranks_agree,
+    chunk_name,
+    index_file,
+    meta_file,
+    shard_file,
+)
+from resumekit.staging.buffers import OverlapStager
+from resumekit.storage.verify import crc_hex
+
+__all__ = ["LocalShards", "agree", "capture", "flat_state", "holds_dtensors", "owning_module", "write_jobs"]
+
+#: ``(bytes, path relative to the data prefix, writes the file and returns (size, crc32c))``.
+Job = tuple[int, str, Callable[[IO[bytes]], "tuple[int, int]"]]
+
+
+def dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor``, or None where torch.distributed is unavailable."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return None
+    return DTensor
+
+
+def holds_dtensors(obj: Any) -> bool:
+    """Whether ``obj`` is a Module with a DTensor parameter or buffer, or an Optimizer over one."""
+    dt = dtensor_type()
+    if dt is None:
+        return False
+    if isinstance(obj, torch.nn.Module):
+        return any(isinstance(t, dt) for t in (*obj.parameters(), *obj.buffers()))
+    if isinstance(obj, torch.optim.Optimizer):
+        return any(isinstance(p, dt) for g in obj.param_groups for p in g["params"])
+    return False
+
+
+def owning_module(opt: torch.optim.Optimizer, name: str, items: Sequence[Item]) -> torch.nn.Module:
+    """The Module entry whose parameters include every parameter of ``opt`` (DCP keys optimizer state
+    by the model's parameter names, so the two travel together).
+
+    Raises:
+        UnsupportedValueError: no entry of the state holds those parameters.
+    """
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    for it in items:
+        if isinstance(it.obj, torch.nn.Module) and mine <= {id(p) for p in it.obj.parameters()}:
+            return it.obj
+    raise UnsupportedValueError(
+        f"sharded optimizer entry '{name}': no Module in the state holds its parameters. A sharded "
+        "optimizer's state is keyed by its model's parameter names: pass the model in the same state, "
+        "e.g. {'model': model, 'optimizer': opt}."
+    )
+
+
+def param_fqns(model: torch.nn.Module) -> dict[int, str]:
+    """``id(parameter)`` -> its canonical name, as DCP's state-dict helpers spell it."""
+    from torch.distributed.checkpoint.state_dict import _get_fqns
+
+    out: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        fqns = _get_fqns(model, name)
+        out[id(p)] = next(iter(fqns))
+    return out
+
+
+def flat_state(it: Item, items: Sequence[Item]) -> dict[str, Any]:
+    """The entry's flattened state: parameter name -> DTensor for a Module; ``state.<fqn>.<name>``
+    and ``param_groups.<fqn>.<option>`` for an Optimizer (DCP's flattened optimizer layout)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    obj = it.obj
+    if isinstance(obj, torch.nn.Module):
+        return dict(get_model_state_dict(obj))
+    if isinstance(obj, torch.optim.Optimizer):
+        model = owning_module(obj, it.name, items)
+        if obj.state:
+            opts = StateDictOptions(flatten_optimizer_state_dict=True)
+            return dict(get_optimizer_state_dict(model, obj, options=opts))
+        # DCP initialises an optimizer without state by stepping it (a first Adam step would then be
+        # its second): an optimizer that has not stepped yet is flattened here, untouched.
+        return param_group_values(obj, model)
+    raise UnsupportedValueError(
+        f"sharded entry '{it.name}' is a {type(obj).__name__}; expected a Module or Optimizer"
+    )
+
+
+def param_group_values(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+    """``param_groups.<fqn>.<option>`` for every parameter of ``opt`` (DCP's flattened spelling)."""
+    fqns = param_fqns(model)
+    out: dict[str, Any] = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            for k, v in g.items():
+                if k != "params":
+                    out[f"param_groups.{fqns[id(p)]}.{k}"] = v
+    return out
+
+
+@dataclass
+class LocalShards:
+    """One sharded entry as captured on this rank, and (after :func:`agree`) what this rank writes."""
+
+    name: str
+    plan: dict[str, Any]  # this rank's JSON plan: chunks, tensor shapes, values, plain-tensor crcs
+    chunks: dict[tuple[str, tuple[int, ...]], torch.Tensor]  # (key, offsets) -> local data
+    own: dict[str, torch.Tensor] = field(default_factory=dict)  # chunk name -> data this rank writes
+    meta: ShardingMeta | None = None
+
+
+def capture(it: Item, items: Sequence[Item], stager: OverlapStager | None) -> LocalShards:
+    """This rank's chunks of a sharded entry, and its plan to exchange (JSON, no tensor data).
+
+    With ``stager`` (the async path) the chunks are copied into host staging buffers at the call (not
+    overlapped with training: no write guard covers a DTensor's local shard yet); without, they are
+    views of the live local shards, streamed by the write: a rank never holds more than its own.
+    """
+    from torch.distributed.checkpoint.planner_helpers import _create_write_items
+
+    dt = dtensor_type()
+    flat = flat_state(it, items)
+    chunks: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+    plan: dict[str, Any] = {
+        "entry": it.name,
+        "chunks": [],
+        "tensors": {},
+        "values": {},
+        "plain": {},
+        "mesh": {},
+    }
+    for key, v in flat.items():
+        if not isinstance(v, torch.Tensor):
+            table = TensorTable()
+            plan["values"][key] = encode(v, table, f"{it.name}.{key}")
+            if table.tensors:
+                raise UnsupportedValueError(
+                    f"sharded entry '{it.name}': the value at '{key}' nests tensors inside a container; "
+                    "only top-level tensors of a flattened state dict can be sharded."
+                )
+            continue
+        if v.dtype not in DTYPE_TO_ST:
+            raise UnsupportedValueError(
+                f"sharded entry '{it.name}': tensor '{key}' has dtype {v.dtype}, which safetensors cannot store."
+            )
+        if dt is not None and isinstance(v, dt):
+            dv: Any = v
+            _check_placements(it.name, key, dv.placements)
+            (wi,) = _create_write_items(key, dv)
+            chunk = wi.tensor_data.chunk if wi.tensor_data is not None else None
+            local = dv.to_local().detach()
+            if chunk is None or tuple(local.shape) != tuple(chunk.sizes):
+                raise UnsupportedValueError(
+                    f"sharded entry '{it.name}': the local shard of '{key}' has shape {list(local.shape)}, "
+                    f"which its placements {dv.placements} do not describe as one chunk; this layout "
+                    "(e.g. a strided shard) is not supported yet."
+                )
+            offsets = tuple(int(o) for o in chunk.offsets)
+            if not plan["mesh"]:
+                mesh = dv.device_mesh
+                plan["mesh"] = {"shape": list(mesh.shape), "dim_names": list(mesh.mesh_dim_names or ())}
+        else:
+            offsets = (0,) * v.dim()
+            local = v.detach()
+            raw: Any = _host_bytes(local).numpy()
+            plan["plain"][key] = crc_hex(crc32c.crc32c(raw))
+        plan["tensors"][key] = [DTYPE_TO_ST[v.dtype], list(v.shape)]
+        plan["chunks"].append([key, list(offsets), list(local.shape), local.numel() * local.element_size()])
+        chunks[(key, offsets)] = local
+    if stager is not None:
+        names = {cid: chunk_name(cid[0], list(cid[1])) for cid in chunks}
+        staged = stager.copy_now(it.name, {names[cid]: t for cid, t in chunks.items()})
+        chunks = {cid: staged[names[cid]] for cid in chunks}
+    return LocalShards(it.name, plan, chunks)
+
+
+def _check_placements(entry: str, key: str, placements: Sequence[Any]) -> None:
+    """Shard placements (FSDP2 over tensor parallel's strided shards included: nested splits of one
+    dimension leave each rank one box, whose offsets torch computes) and Replicate are saved; a pending
+    partial sum is not a value yet, so it is refused."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    kinds: tuple[type, ...] = (Shard, Replicate)
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        kinds += (_StridedShard,)
+    except ImportError:  # a torch without strided shards
+        pass
+    odd = [p for p in placements if not isinstance(p, kinds)]
+    if odd:
+        raise UnsupportedValueError(
+            f"sharded entry '{entry}': '{key}' has placements {tuple(placements)}; resumekit saves Shard and "
+            f"Replicate placements, not {odd[0]!r} (a pending partial sum). Redistribute the tensor "
+            "(e.g. to Replicate) before saving."
+        )
+
+
+def agree(shards: list[LocalShards], world: World) -> None:
+    """Exchange every rank's plans (JSON), refuse disagreeing values, decide who writes each chunk.
+
+    Every decision is a pure function of the gathered plans, so every rank reaches the same one: all
+    ranks raise together or none does.
+
+    Raises:
+        UnsupportedValueError: a value saved once for all ranks differs between ranks, or the ranks
+            do not hold the same sharded entries.
+    """
+    gathered = world.all_gather_json([s.plan for s in shards])
+    names = [[p["entry"] for p in plans] for plans in gathered]
+    if any(n != names[0] for n in names):
+        desc = "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
+        raise UnsupportedValueError(
+            f"the ranks hold different sharded entries ({desc}); every rank must save the same state."
+        )
+    for i, s in enumerate(shards):
+        plans = [g[i] for g in gathered]
+        check_ranks_agree(s.name, plans)
+        owners = assign_owners(plans)
+        tensors: dict[str, TensorRecord] = {}
+        recs: dict[str, list[ChunkRecord]] = {k: [] for k in plans[0]["tensors"]}
+        sizes = {(k, tuple(o)): tuple(sz) for p in plans for k, o, sz, _ in p["chunks"]}
+        for (key, offsets), owner in sorted(owners.items()):
+            name = chunk_name(key, list(offsets))
+            recs[key].append(ChunkRecord(offsets, sizes[(key, offsets)], shard_file(s.name, owner), name))
+            if owner == world.rank:
+                s.own[name] = s.chunks[(key, offsets)]
+        for key, (dtype, shape) in plans[0]["tensors"].items():
+            tensors[key] = TensorRecord(dtype, tuple(shape), tuple(recs[key]))
+        files = tuple(sorted({shard_file(s.name, r) for r in owners.values()}))
+        s.meta = ShardingMeta(
+            world_size=world.size,
+            mesh=plans[0]["mesh"],
+            tensors=tensors,
+            values=plans[0]["values"],
+            files=files,
+        )
+        s.chunks = {}  # what this rank does not own is not kept alive by the snapshot
+
+
+def write_jobs(shards: list[LocalShards], rank: int) -> list[Job]:
+    """The files this rank writes for its sharded entries: its own chunks, and (rank 0) the metadata."""
+    jobs: list[Job] = []
+    for s in shards:
+        if s.own:
+            nbytes = sum(t.numel() * t.element_size() for t in s.own.values())
+            jobs.append((nbytes, shard_file(s.name, rank), functools.partial(write_tensors, tensors=s.own)))
+            # Computed from the tensors, not from the file being written: the two jobs are independent.
+            index = functools.partial(_write_index, s.own)
+            jobs.append((nbytes, index_file(shard_file(s.name, rank)), index))
+        if rank == 0 and s.meta is not None:
+            raw = s.meta.to_json()
+            jobs.append((len(raw), meta_file(s.name), functools.partial(_write_bytes, raw)))
+    return jobs
+
+
+def chunk_index(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The chunk index of the shard file :func:`write_tensors` writes for ``tensors``: ``[begin, end,
+    crc32c]`` of the header and of every tensor's bytes, which together tile the whole file."""
+    prefix, order = _layout(tensors, None)
+    out: dict[str, Any] = {
+        "format": "resumekit.chunks",
+        "version": 1,
+        "header": [0, len(prefix), crc_hex(crc32c.crc32c(prefix))],
+        "chunks": {},
+    }
+    offset = len(prefix)
+    for name in order:
+        raw: Any = _host_bytes(tensors[name]).numpy()
+        out["chunks"][name] = [offset, offset + len(raw), crc_hex(crc32c.crc32c(raw))]
+        offset += len(raw)
+    return json.dumps(out, sort_keys=True).encode("utf-8")
+
+
+def _write_index(tensors: dict[str, torch.Tensor], f: IO[bytes]) -> tuple[int, int]:
+    return _write_bytes(chunk_index(tensors), f)
+
+
+def _write_bytes(data: bytes, f: IO[bytes]) -> tuple[int, int]:
+    f.write(data)
+    return len(data), crc32c.crc32c(data)
+
+
+def describe_mesh(meta: ShardingMeta) -> str:
+    """``"2x2 (dp, tp)"``, for messages and the CLI."""
+    shape = meta.mesh.get("shape") or []
+    names = meta.mesh.get("dim_names") or []
+    text = "x".join(str(s) for s in shape) or "none"
+    return f"{text} ({', '.join(names)})" if names else text
