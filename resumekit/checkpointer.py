@@ -40,8 +40,9 @@ from resumekit.format.manifest import (
     step_dir,
 )
 from resumekit.staging.background import AsyncSaves
+from resumekit.storage import open_storage
 from resumekit.storage import retention as _retention
-from resumekit.storage.local import Storage, open_storage
+from resumekit.storage.base import Storage
 
 __all__ = ["CheckpointInfo", "Checkpointer", "RestoreResult"]
 
@@ -107,7 +108,7 @@ class Checkpointer:
             the environment so a change on resume is reported as drift.
         storage: the storage backend to read and write through instead of the one ``url`` opens
             (``url`` and ``storage_options`` are then not used; the checkpointer's ``url`` is the
-            storage's). For tests and fault injection: wrap ``resumekit.storage.local.open_storage(url)``.
+            storage's). For tests and fault injection: wrap ``resumekit.storage.open_storage(url)``.
         verify_after_save: after each commit, read the step back as ``restore()`` would (every
             checksum, header and skeleton, on every rank) before retention runs, and raise
             ``CheckpointCorruptError`` if it does not read back. Guards against storage that loses or

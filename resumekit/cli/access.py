@@ -14,7 +14,7 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, cast
 
 import crc32c
 
@@ -22,7 +22,8 @@ from resumekit._messages import missing_file, not_committed, verify_hint
 from resumekit.errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError
 from resumekit.format.manifest import MANIFEST, FileRecord, Manifest, step_dir
 from resumekit.format.tensorfile import MAX_HEADER_BYTES, TensorSpec, header_length, parse_head
-from resumekit.storage.local import Storage, open_storage
+from resumekit.storage import open_storage
+from resumekit.storage.base import Browsable
 from resumekit.storage.verify import step_manifest, verify_file
 
 __all__ = [
@@ -89,22 +90,6 @@ def jsonable(v: Any) -> Any:
     return repr(v)
 
 
-class _Browsable(Storage, Protocol):
-    """The storage interface plus what read-only tools need of it."""
-
-    def open_read(self, step: int, relpath: str) -> IO[bytes]:
-        """A step's file opened for streaming and ranged reads; FileNotFoundError when missing."""
-        ...
-
-    def root_kind(self) -> str:
-        """``"folder"``, ``"file"`` or ``"missing"``."""
-        ...
-
-    def unfinished(self) -> list[tuple[int, str]]:
-        """Temporary folders of saves that never committed: (step, folder name)."""
-        ...
-
-
 @dataclass
 class FileCheck:
     """What reading one file found: its size, crc32c and its first bytes (for a header)."""
@@ -125,8 +110,8 @@ class Root:
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         try:
-            # Both storage classes offer the read-only methods of _Browsable.
-            self.storage = cast(_Browsable, open_storage(url, storage_options))
+            # Both storage classes offer the read-only methods of Browsable.
+            self.storage = cast(Browsable, open_storage(url, storage_options))
         except (ValueError, ImportError) as exc:
             raise CliError(f"cannot open '{url}': {exc}") from exc
         self.url = self.storage.url.rstrip("/") or self.storage.url

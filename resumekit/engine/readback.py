@@ -21,7 +21,7 @@ from resumekit.engine.plan import RestoreOptions
 from resumekit.engine.restore import read_newest
 from resumekit.errors import CheckpointCorruptError
 from resumekit.format.manifest import Manifest, step_dir
-from resumekit.storage.local import Storage
+from resumekit.storage.base import Storage
 
 __all__ = ["verify_committed"]
 

@@ -31,7 +31,7 @@ from resumekit.format.tensorfile import (
     tensors_from_buffer,
 )
 from resumekit.sharding.reshard import ShardFiles, read_meta, read_sharded
-from resumekit.storage.local import Buffer, Storage
+from resumekit.storage.base import Buffer, Storage, fetcher, positional
 from resumekit.storage.verify import verify_file
 
 if TYPE_CHECKING:
@@ -41,9 +41,9 @@ __all__ = ["StepReader", "positional_reads"]
 
 
 def positional_reads(storage: Storage) -> bool:
-    """Whether ``storage`` offers positional reads (``open_reader``): tensor files may then be read
-    straight into live tensors, and their headers alone before the data."""
-    return callable(getattr(storage, "open_reader", None))
+    """Whether ``storage`` offers positional reads (:class:`~resumekit.storage.base.PositionalReads`):
+    tensor files may then be read straight into live tensors, and their headers alone before the data."""
+    return positional(storage) is not None
 
 
 class StepReader(contextlib.ExitStack):
@@ -59,7 +59,8 @@ class StepReader(contextlib.ExitStack):
         self.storage = storage
         self.plan = plan
         self.where = f"{url}/{step_dir(plan.step)}"
-        self.positional = positional_reads(storage)
+        self._positional = positional(storage)
+        self.positional = self._positional is not None
         self.touched: list[str] = []
         self._open: dict[str, RangeReader] = {}
         self._fetched: dict[str, Future[Download]] = {}
@@ -124,11 +125,11 @@ class StepReader(contextlib.ExitStack):
     def _prefetch(self, refs: tuple[FileRef, ...]) -> None:
         """Start fetching whole files at once where the storage can (an object store: their ranged GETs
         share one budget, and each file's checksum is computed as it arrives)."""
-        fetch_files = getattr(self.storage, "fetch_files", None)
+        store = fetcher(self.storage)
         wanted = list(dict.fromkeys((f.relpath, f.record.size) for f in refs))
-        if fetch_files is None or len(wanted) < 2:
+        if store is None or len(wanted) < 2:
             return
-        for (rel, _), fut in zip(wanted, fetch_files(self.plan.step, wanted)):
+        for (rel, _), fut in zip(wanted, store.fetch_files(self.plan.step, wanted)):
             self._fetched[rel] = fut
 
     def _cancel_fetches(self) -> None:
@@ -153,8 +154,10 @@ class StepReader(contextlib.ExitStack):
     def _reader(self, ref: FileRef) -> RangeReader:
         reader = self._open.get(ref.relpath)
         if reader is None:
-            open_reader = self.storage.open_reader  # type: ignore[attr-defined]  # see positional_reads
-            reader = self.enter_context(open_reader(self.plan.step, ref.relpath, ref.record.size))
+            if self._positional is None:  # callers check ``positional`` first
+                raise TypeError(f"{type(self.storage).__name__} offers no positional reads")
+            opened = self._positional.open_reader(self.plan.step, ref.relpath, ref.record.size)
+            reader = self.enter_context(opened)
             self._open[ref.relpath] = reader
         return reader
 

@@ -33,7 +33,7 @@ from resumekit.errors import (
     UnsafeCheckpointError,
 )
 from resumekit.format.manifest import Manifest, step_dir
-from resumekit.storage.local import Storage
+from resumekit.storage.base import Storage
 from resumekit.storage.verify import step_manifest
 
 __all__ = ["Found", "read_newest"]

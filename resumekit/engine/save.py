@@ -22,7 +22,7 @@ from resumekit.format.manifest import SCOPE_REPLICATED, SCOPE_SHARDED, FileRecor
 from resumekit.format.tensorfile import write_tensors
 from resumekit.sharding.shards import LocalShards, agree, capture, write_jobs
 from resumekit.staging.buffers import OverlapStager
-from resumekit.storage.local import Stage, Storage
+from resumekit.storage.base import Stage, Storage, files_at_once
 from resumekit.storage.verify import crc_hex
 
 __all__ = ["Snapshot", "take_snapshot", "write"]
@@ -185,7 +185,7 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
             size, crc = fill(f)
         return relpath, FileRecord(size, crc_hex(crc))
 
-    workers = min(getattr(stage, "parallel_files", 1), sum(1 for n, _, _ in jobs if n >= _PARALLEL_MIN_BYTES))
+    workers = min(files_at_once(stage), sum(1 for n, _, _ in jobs if n >= _PARALLEL_MIN_BYTES))
     if workers <= 1:
         records = dict(run(job) for job in jobs)
     else:

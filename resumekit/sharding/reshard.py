@@ -26,7 +26,7 @@ from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import ST_TO_DTYPE, tensors_from_buffer
 from resumekit.sharding.metadata import ShardingMeta, TensorRecord, index_file
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
-from resumekit.storage.local import Buffer, Storage
+from resumekit.storage.base import Buffer, Storage
 from resumekit.storage.verify import crc_hex
 
 __all__ = ["ShardFiles", "ShardedValue", "check_sharded", "read_meta", "read_sharded"]

@@ -16,15 +16,10 @@ from typing import Any, Optional
 
 import crc32c
 
+from resumekit._messages import missing_file, wrong_size
 from resumekit.errors import CheckpointCorruptError
-from resumekit.storage.objectstore import (
-    _DEFAULT_POLICY,
-    RetryPolicy,
-    _kind,
-    _retry_async,
-    is_body_fault,
-    to_storage_error,
-)
+from resumekit.storage.objectstore import store_kind
+from resumekit.storage.retry import DEFAULT_POLICY, RetryPolicy, is_body_fault, retry_async, to_storage_error
 
 __all__ = ["S3_MIN_PART", "Download", "S3ParallelWriter", "download_into", "download_many", "open_upload"]
 
@@ -178,7 +173,7 @@ def open_upload(fs: Any, path: str, *, part_size: int = 64 << 20, max_concurrenc
     ``part_size`` (rounded up to its 256 KiB granularity). Either way memory is bounded by the part
     buffers, never by the file size.
     """
-    if _kind(fs) == "s3":
+    if store_kind(fs) == "s3":
         return S3ParallelWriter(fs, path, part_size=part_size, max_concurrency=max_concurrency)
     return fs.open(path, "wb", block_size=-(-part_size // (256 << 10)) * (256 << 10))
 
@@ -199,7 +194,7 @@ def download_into(
     *,
     part_size: int = 32 << 20,
     max_concurrency: int = 8,
-    policy: RetryPolicy = _DEFAULT_POLICY,
+    policy: RetryPolicy = DEFAULT_POLICY,
     alloc: Callable[[int], Any] = bytearray,
 ) -> Download:
     """Read ``path`` (expected to be ``size`` bytes) into ``out`` with parallel ranged GETs.
@@ -246,7 +241,7 @@ def download_many(
     *,
     part_size: int = 32 << 20,
     max_concurrency: int = 8,
-    policy: RetryPolicy = _DEFAULT_POLICY,
+    policy: RetryPolicy = DEFAULT_POLICY,
     alloc: Callable[[int], Any] = bytearray,
 ) -> list[concurrent.futures.Future[Download]]:
     """Start reading several objects at once; one future per ``(path, size, out)``, in order.
@@ -298,7 +293,7 @@ def _view_of(out: Any, size: int) -> memoryview:
 def _check_size(path: str, expected: int, actual: int) -> None:
     if actual != expected:
         raise CheckpointCorruptError(
-            f"'{path}' is {actual} bytes, the manifest says {expected}: the object was truncated or replaced."
+            wrong_size(f"'{path}'", actual, expected) + ": the object was truncated or replaced."
         )
 
 
@@ -317,11 +312,11 @@ def _real_size(path: str, info: Any) -> int:
 @contextlib.contextmanager
 def _storage_errors(path: str) -> Any:
     """Report a missing object, or one the store's own checksum keeps refusing, as corruption; any other
-    failure of the store as :class:`StorageError` (see :func:`resumekit.storage.objectstore.to_storage_error`)."""
+    failure of the store as :class:`StorageError` (see :func:`resumekit.storage.retry.to_storage_error`)."""
     try:
         yield
     except FileNotFoundError as exc:
-        raise CheckpointCorruptError(f"'{path}' is missing; the manifest lists it.") from exc
+        raise CheckpointCorruptError(missing_file(f"'{path}'") + ".") from exc
     except Exception as exc:
         if _checksum_failed(exc):
             raise CheckpointCorruptError(
@@ -408,7 +403,7 @@ async def _download_async(
                 return bytes(data)
 
             # Only body faults: botocore has already retried the request itself (one retry layer).
-            data = await _retry_async(
+            data = await retry_async(
                 once, what=f"reading bytes {start}-{end} of '{path}'", policy=policy, retry_if=is_body_fault
             )
             view[start:end] = data

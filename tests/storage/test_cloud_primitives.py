@@ -17,16 +17,14 @@ import pytest
 
 from resumekit.errors import CheckpointCorruptError, CommitConflictError, StorageError
 from resumekit.storage.objectstore import (
-    RetryPolicy,
     abort_stale_uploads,
     find_orphans,
-    is_transient,
     put_if_absent,
     require_backend,
-    retry_call,
     s3_default_options,
     single_retry_layer,
 )
+from resumekit.storage.retry import RetryPolicy, is_transient, retry_call
 from resumekit.storage.transfer import S3ParallelWriter, download_into, download_many, open_upload
 
 try:

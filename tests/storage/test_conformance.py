@@ -19,7 +19,7 @@ import fsspec
 import pytest
 
 import resumekit as rk
-from resumekit.storage.local import open_storage
+from resumekit.storage import open_storage
 
 try:
     from ._backends import Backend, HookedStorage, assert_restored, make_state, snapshot, step_dir

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 import resumekit as rk
-import resumekit.storage.local as storage_mod
+import resumekit.storage.remote as storage_mod
 from resumekit.errors import CheckpointCorruptError, StorageError, UnsafeCheckpointError
 from resumekit.format.manifest import seal
-from resumekit.storage.local import FsspecStorage
+from resumekit.storage.remote import FsspecStorage
 from resumekit.testing.strategies import assert_identical
 
 try:
@@ -230,7 +230,7 @@ def test_server_gone_during_a_save_raises_storage_error(
 
 
 def test_client_exception_classes_become_storage_error() -> None:
-    from resumekit.storage.objectstore import storage_boundary, to_storage_error
+    from resumekit.storage.retry import storage_boundary, to_storage_error
 
     class EndpointConnectionError(Exception):  # botocore's, by name and module
         __module__ = "botocore.exceptions"

@@ -20,7 +20,7 @@ import torch
 
 import resumekit as rk
 from resumekit.errors import CommitConflictError, StepExistsError
-from resumekit.storage.local import open_storage
+from resumekit.storage import open_storage
 
 try:
     from ._backends import HookedStorage, assert_restored, snapshot, step_dir

@@ -14,7 +14,7 @@ import torch
 
 import resumekit as rk
 from resumekit.errors import StepExistsError
-from resumekit.storage.local import open_storage
+from resumekit.storage import open_storage
 
 
 def _model() -> torch.nn.Module:

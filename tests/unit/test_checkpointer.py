@@ -26,7 +26,8 @@ from resumekit.errors import (
     StepExistsError,
     UnsafeCheckpointError,
 )
-from resumekit.storage.local import Stage, Storage, open_storage
+from resumekit.storage import open_storage
+from resumekit.storage.base import Stage, Storage
 from resumekit.testing.strategies import assert_identical
 
 

@@ -14,7 +14,8 @@ import torch
 import resumekit as rk
 from resumekit.errors import CheckpointCorruptError
 from resumekit.format.manifest import step_dir
-from resumekit.storage.local import LocalStorage, Stage
+from resumekit.storage.base import Stage
+from resumekit.storage.local import LocalStorage
 
 
 class _LyingStage:
