@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from resumekit.errors import CheckpointCorruptError, UnsupportedValueError
+from resumekit.format.strict_json import expect_list as _list
+from resumekit.format.strict_json import expect_str as _str
 from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import DTYPE_TO_ST, METADATA_KEY
 
@@ -504,15 +506,3 @@ def _decode_key(k: Any, path: str, depth: int) -> Any:
 
 def _no_tensors(name: str) -> torch.Tensor:
     raise CheckpointCorruptError(f"dict key refers to tensor {name!r}; keys cannot hold tensors")
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, got {type(v).__name__}")
-    return v
-
-
-def _list(v: Any) -> list[Any]:
-    if not isinstance(v, list):
-        raise TypeError(f"expected a list, got {type(v).__name__}")
-    return v

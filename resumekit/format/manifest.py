@@ -15,6 +15,9 @@ from typing import Any
 import crc32c
 
 from resumekit.errors import CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFormatError
+from resumekit.format.strict_json import expect_dict as _dict
+from resumekit.format.strict_json import expect_list as _list
+from resumekit.format.strict_json import expect_str as _str
 from resumekit.format.strict_json import parse_strict
 
 __all__ = [
@@ -253,21 +256,9 @@ def _entry(e: Any, name: str, where: str) -> Entry:
     return Entry(scope=scope, kind=kind, ranks=ranks)
 
 
-def _dict(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise TypeError(f"expected an object, got {type(v).__name__}")
-    return v
-
-
 def _int(v: Any) -> int:
     if type(v) is not int or not 0 <= v < _MAX_INT:
         raise TypeError(f"expected a non-negative 64-bit integer, got {_short(v)}")
-    return v
-
-
-def _list(v: Any) -> list[Any]:
-    if not isinstance(v, list):
-        raise TypeError(f"expected a list, got {type(v).__name__}")
     return v
 
 
@@ -283,9 +274,3 @@ def _short(v: Any) -> str:
     if type(v) is int and v.bit_length() > 256:
         return f"an integer of {v.bit_length()} bits"
     return repr(v)[:80]
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, got {type(v).__name__}")
-    return v

@@ -23,7 +23,7 @@ from typing import Any
 
 from resumekit.errors import CheckpointCorruptError
 
-__all__ = ["MAX_INT_DIGITS", "parse_strict"]
+__all__ = ["MAX_INT_DIGITS", "expect_dict", "expect_list", "expect_str", "parse_strict"]
 
 #: Longest integer literal accepted (sign included): Python's default int/str conversion limit, so any
 #: integer ``json.dumps`` writes under default settings reads back.
@@ -102,3 +102,28 @@ def parse_strict(raw: bytes | bytearray | memoryview, where: str, what: str) -> 
         ) from exc
     except (ValueError, RecursionError, OverflowError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointCorruptError(f"{where}: {what} is not valid JSON ({exc})") from exc
+
+
+# Typed field access on parsed JSON: a wrong type raises TypeError, which each caller reports with the
+# file and the field that held it.
+
+
+def expect_dict(v: Any) -> dict[str, Any]:
+    """``v`` if it is a JSON object, else TypeError naming what it is."""
+    if not isinstance(v, dict):
+        raise TypeError(f"expected an object, got {type(v).__name__}")
+    return v
+
+
+def expect_list(v: Any) -> list[Any]:
+    """``v`` if it is a JSON array, else TypeError naming what it is."""
+    if not isinstance(v, list):
+        raise TypeError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def expect_str(v: Any) -> str:
+    """``v`` if it is a JSON string, else TypeError naming what it is."""
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v

@@ -19,6 +19,9 @@ from typing import Any
 
 from resumekit.errors import CheckpointCorruptError, UnsupportedValueError
 from resumekit.format.manifest import rank_prefix
+from resumekit.format.strict_json import expect_dict as _dict
+from resumekit.format.strict_json import expect_list as _list
+from resumekit.format.strict_json import expect_str as _str
 
 __all__ = [
     "SHARDING_VERSION",
@@ -238,25 +241,7 @@ def _short(v: str) -> str:
     return v if len(v) <= 80 else v[:77] + "..."
 
 
-def _dict(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise TypeError(f"expected an object, got {type(v).__name__}")
-    return v
-
-
-def _list(v: Any) -> list[Any]:
-    if not isinstance(v, list):
-        raise TypeError(f"expected a list, got {type(v).__name__}")
-    return v
-
-
 def _int(v: Any) -> int:
     if type(v) is not int or not 0 <= v <= _MAX_DIM:
         raise TypeError(f"expected a non-negative integer, got {v!r}")
-    return v
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, got {type(v).__name__}")
     return v
