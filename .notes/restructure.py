@@ -127,6 +127,35 @@ def rewrite_text(text: str, pkg: list[str] | None) -> str:
     return text
 
 
+# Names that left a module after the move (storage split, retry split): module -> {name: new module}.
+SPLITS = {
+    "resumekit.storage.local": {
+        "Storage": "resumekit.storage.base", "Stage": "resumekit.storage.base",
+        "Buffer": "resumekit.storage.base", "new_buffer": "resumekit.storage.base",
+        "open_storage": "resumekit.storage", "FsspecStorage": "resumekit.storage.remote",
+    },
+    "resumekit.storage.objectstore": {
+        n: "resumekit.storage.retry"
+        for n in ("RetryPolicy", "is_body_fault", "is_transient", "retry_call", "storage_boundary",
+                  "to_storage_error", "retry_async", "DEFAULT_POLICY", "COMMIT_POLICY", "status_and_code")
+    },
+}
+
+
+def _split_imports(text: str) -> str:
+    for mod, moved in SPLITS.items():
+        def sub(m: re.Match[str], mod: str = mod, moved: dict[str, str] = moved) -> str:
+            indent, body = m.group(1), m.group(2)
+            names = [n.strip() for n in body.strip("()").replace("\n", " ").split(",") if n.strip()]
+            groups: dict[str, list[str]] = {}
+            for n in names:
+                groups.setdefault(moved.get(n.split(" as ")[0], mod), []).append(n)
+            return "\n".join(f"{indent}from {t} import {', '.join(ns)}" for t, ns in groups.items())
+
+        text = re.sub(rf"^([ \t]*)from {re.escape(mod)} import (\([^)]*\)|[^\n]+)$", sub, text, flags=re.M)
+    return text
+
+
 def rewrite() -> None:
     for p in _files():
         if p.resolve() == Path(__file__).resolve():
@@ -136,6 +165,8 @@ def rewrite() -> None:
         except UnicodeDecodeError:
             continue
         new = rewrite_text(old, _module_of(p))
+        if p.suffix == ".py" and p.name not in {"local.py", "objectstore.py"}:
+            new = _split_imports(new)
         if new != old:
             p.write_text(new)
 
