@@ -130,20 +130,34 @@ def rewrite_text(text: str, pkg: list[str] | None) -> str:
 # Names that left a module after the move (storage split, retry split): module -> {name: new module}.
 SPLITS = {
     "resumekit.storage.local": {
-        "Storage": "resumekit.storage.base", "Stage": "resumekit.storage.base",
-        "Buffer": "resumekit.storage.base", "new_buffer": "resumekit.storage.base",
-        "open_storage": "resumekit.storage", "FsspecStorage": "resumekit.storage.remote",
+        "Storage": "resumekit.storage.base",
+        "Stage": "resumekit.storage.base",
+        "Buffer": "resumekit.storage.base",
+        "new_buffer": "resumekit.storage.base",
+        "open_storage": "resumekit.storage",
+        "FsspecStorage": "resumekit.storage.remote",
     },
     "resumekit.storage.objectstore": {
         n: "resumekit.storage.retry"
-        for n in ("RetryPolicy", "is_body_fault", "is_transient", "retry_call", "storage_boundary",
-                  "to_storage_error", "retry_async", "DEFAULT_POLICY", "COMMIT_POLICY", "status_and_code")
+        for n in (
+            "RetryPolicy",
+            "is_body_fault",
+            "is_transient",
+            "retry_call",
+            "storage_boundary",
+            "to_storage_error",
+            "retry_async",
+            "DEFAULT_POLICY",
+            "COMMIT_POLICY",
+            "status_and_code",
+        )
     },
 }
 
 
 def _split_imports(text: str) -> str:
     for mod, moved in SPLITS.items():
+
         def sub(m: re.Match[str], mod: str = mod, moved: dict[str, str] = moved) -> str:
             indent, body = m.group(1), m.group(2)
             names = [n.strip() for n in body.strip("()").replace("\n", " ").split(",") if n.strip()]
