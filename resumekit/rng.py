@@ -143,6 +143,22 @@ class RNGState:
 
     # ----------------------------------------------------------------------------------------- restore
 
+    def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Check a saved record against this process without changing any stream.
+
+        The Checkpointer calls this for every entry before it loads any, so a record this process cannot
+        restore (a generator registered as another kind, a malformed part) refuses the whole restore
+        before the model or optimizer is touched, although RNG itself is applied last.
+
+        Returns:
+            The record, unchanged.
+
+        Raises:
+            StateMismatchError: as :meth:`load_state_dict`.
+        """
+        self._plan(state_dict)
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore every stream the record holds and this process has.
 
@@ -156,6 +172,14 @@ class RNGState:
             StateMismatchError: A part is missing or malformed (wrong dtype, length or shape, an unknown
                 bit generator, a generator of a different kind under the same name). The message names it.
         """
+        apply, notes = self._plan(state_dict)
+        for step in apply:
+            step()
+        for note in notes:
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+
+    def _plan(self, state_dict: Any) -> tuple[list[Callable[[], None]], list[str]]:
+        """Every check of a record, and the steps that apply it; changes nothing."""
         if not isinstance(state_dict, Mapping):
             raise StateMismatchError(
                 f"RNGState.load_state_dict: expected a dict from RNGState.state_dict(), got "
@@ -178,11 +202,7 @@ class RNGState:
         apply.append(functools.partial(_set_cpu_state, cpu))
         apply.extend(self._plan_cuda(state_dict.get("cuda") or [], notes))
         apply.extend(self._plan_generators(state_dict["generators"], notes))
-
-        for step in apply:
-            step()
-        for note in notes:
-            warnings.warn(note, RuntimeWarning, stacklevel=2)
+        return apply, notes
 
     def _plan_cuda(self, saved: Any, notes: list[str]) -> list[Callable[[], None]]:
         if not isinstance(saved, (list, tuple)):

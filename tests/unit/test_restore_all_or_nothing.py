@@ -8,6 +8,7 @@ object's own ``load_state_dict``) names the entry, what was applied, and chains 
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,41 @@ def test_drift_warnings_still_reach_the_user_when_the_restore_applies(tmp_path: 
     with pytest.warns(DriftWarning, match="config.lr"):
         result = rk.Checkpointer(tmp_path, config={"lr": 0.3}).restore(live)
     assert result is not None and [i.key for i in result.drift.warnings] == ["config.lr"]
+
+
+def test_an_rng_record_this_process_cannot_restore_is_refused_before_the_model_changes(
+    tmp_path: Path,
+) -> None:
+    # Before: RNGState refused only when applied (last, after every other entry had been loaded).
+    saved = _saved(tmp_path)
+    rng = rk.RNGState()
+    rng.register("augment", torch.Generator().manual_seed(3))
+    rk.Checkpointer(tmp_path).save({**saved, "rng": rng}, step=SAVED_STEP + 1)
+    live = _state(2)
+    _train(live, 3)
+    other_kind = rk.RNGState()
+    other_kind.register("augment", random.Random(3))  # registered as another kind of generator
+    before = snapshot(live)
+    torch_before, python_before = torch.get_rng_state(), random.getstate()
+    with pytest.raises(StateMismatchError, match=r"generators\['augment'\].*torch\.Generator.*random\.Random"):
+        rk.Checkpointer(tmp_path).restore({**live, "rng": other_kind})
+    assert_unchanged(before, live)
+    assert torch.equal(torch_before, torch.get_rng_state()) and python_before == random.getstate()
+
+
+def test_gradients_that_do_not_fit_are_refused_before_the_model_changes(tmp_path: Path) -> None:
+    # Before: with allow_shape_mismatch=True the model loaded what fitted, then the gradients raised.
+    saved = _saved(tmp_path)
+    saved["model"](torch.tensor([1, 2])).pow(2).sum().backward()
+    grads = {"grads": rk.AccumulatedGradients(saved["model"])}
+    rk.Checkpointer(tmp_path).save({**saved, **grads}, step=SAVED_STEP + 1)
+    live = _state(2, vocab=12)  # the vocabulary grew: the embedding's gradient no longer fits
+    _train(live, 3)
+    before = snapshot(live)
+    grads_before = [None if p.grad is None else p.grad.clone() for p in live["model"].parameters()]
+    with pytest.raises(StateMismatchError, match=r"gradient of '0\.weight' has shape \(10, 4\)"):
+        rk.Checkpointer(tmp_path).restore(
+            {**live, "grads": rk.AccumulatedGradients(live["model"])}, allow_shape_mismatch=True
+        )
+    assert_unchanged(before, live)
+    assert_identical(grads_before, [None if p.grad is None else p.grad for p in live["model"].parameters()])
