@@ -118,7 +118,7 @@ def _read_step(t: _Target, s: int, touched: list[str]) -> tuple[str, str, Found 
             staged = _plan(t, s, stack)
         except Exception as exc:
             error = exc
-        kind, why = _agree(t, s, error, touched)
+        kind, why = _agree(t, s, error, touched, reading=False)
         if kind != "ok" or staged is None:
             return kind, why, None
         reader, facts, load = staged
@@ -128,7 +128,7 @@ def _read_step(t: _Target, s: int, touched: list[str]) -> tuple[str, str, Found 
         except Exception as exc:
             error = exc
         touched += reader.touched
-        kind, why = _agree(t, s, error, touched)
+        kind, why = _agree(t, s, error, touched, reading=True)
         return kind, why, Found(load, values, ()) if kind == "ok" else None
 
 
@@ -163,14 +163,17 @@ def _kind(exc: BaseException) -> str:
     return "refused"  # drift, names, shapes, groups, validate hooks, a newer format
 
 
-def _agree(t: _Target, s: int, error: BaseException | None, touched: list[str]) -> tuple[str, str]:
-    """Every rank's outcome of one stage: raise together on I/O failures and refusals; otherwise
-    ``("ok", "")``, ``("absent", "")`` or ``("corrupt", why)`` when the step failed verification on
-    some rank."""
+def _agree(
+    t: _Target, s: int, error: BaseException | None, touched: list[str], *, reading: bool
+) -> tuple[str, str]:
+    """Every rank's outcome of one stage (``reading``: the tensor reads, after the plan): raise together
+    on I/O failures and refusals; otherwise ``("ok", "")``, ``("absent", "")`` or ``("corrupt", why)``
+    when the step failed verification on some rank."""
     kind = _kind(error) if error is not None else "ok"
     out = t.world.gather_outcomes(error, kind)
-    if touched and isinstance(error, StorageError) and hasattr(error, "add_note"):  # Python 3.11+
-        error.add_note(_touched_note(touched).strip())
+    # Whatever raises from here on, the user must learn what it left half-read (not only on I/O errors).
+    if touched and kind in ("io", "refused") and error is not None and hasattr(error, "add_note"):
+        error.add_note(_touched_note(touched).strip())  # Python 3.11+
     out.raise_failures(
         error if kind == "io" else None,
         lambda why: StorageError(f"reading checkpoint step {s} in '{t.url}' failed: {why}"),
@@ -179,7 +182,10 @@ def _agree(t: _Target, s: int, error: BaseException | None, touched: list[str]) 
     out.raise_failures(
         error if kind == "refused" else None,
         lambda why: StateMismatchError(
-            f"restoring checkpoint step {s} was refused on {why}. Nothing was loaded."
+            f"restoring checkpoint step {s} failed on {why} while its tensors were read; objects read "
+            "in place on that rank may hold part of the checkpoint"
+            if reading
+            else f"restoring checkpoint step {s} was refused on {why}. Nothing was loaded."
         ),
         "refused",
     )

@@ -8,7 +8,9 @@ unverified bytes that a fallback overwrites, and the error names the object when
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from torch import nn
 import resumekit as rk
 from resumekit.errors import CheckpointCorruptError, StateMismatchError
 from resumekit.format.tensorfile import parse_header
+from resumekit.storage import open_storage
 from resumekit.testing.strategies import assert_identical
 
 STEP1, STEP2 = "step-000000000001", "step-000000000002"
@@ -173,3 +176,42 @@ def test_an_optimizer_with_other_parameter_groups_is_refused_before_anything_is_
         rk.Checkpointer(tmp_path).restore({"model": live, "optimizer": live_opt})
     assert_identical(model_before, dict(live.state_dict()))
     assert_identical(opt_before, _snapshot({"model": nn.Linear(1, 1), "opt": live_opt})["opt"])
+
+
+class _ReaderFailsOn:
+    """Local storage whose positional reads of one file raise an error that is not resumekit's (a
+    driver or allocator failure, say) after the other files were read in place."""
+
+    def __init__(self, inner: Any, relpath: str) -> None:
+        self._inner, self._relpath = inner, relpath
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def open_reader(self, step: int, relpath: str, size: int) -> Iterator[Any]:
+        with self._inner.open_reader(step, relpath, size) as reader:
+            if relpath != self._relpath:
+                yield reader
+                return
+            inner_read = reader.read_at
+
+            def read_at(buf: memoryview, offset: int) -> None:
+                if offset > 8:  # past the length prefix and the header JSON: the tensors' data
+                    raise RuntimeError("simulated failure inside a read")
+                inner_read(buf, offset)
+
+            reader.read_at = read_at
+            yield reader
+
+
+def test_an_unexpected_error_while_reading_in_place_names_the_objects_it_left_half_read(root: Path) -> None:
+    # Before: the bare error, without a word that the model already held step 2's tensors.
+    target = _state(99)
+    before = _snapshot(target)
+    storage = _ReaderFailsOn(open_storage(str(root)), "opt.safetensors")
+    with pytest.raises(RuntimeError, match="simulated failure") as info:
+        rk.Checkpointer(root, storage=storage).restore(target)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "tensors of model, opt were being read in place" in notes and "verify_first=True" in notes
+    assert not torch.equal(before["model"]["0.weight"], target["model"].state_dict()["0.weight"])
