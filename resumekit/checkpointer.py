@@ -28,6 +28,7 @@ from resumekit.engine.reader import positional_reads
 from resumekit.engine.restore import read_newest
 from resumekit.engine.save import Snapshot, take_snapshot, write
 from resumekit.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from resumekit.format.layout import step_dir
 from resumekit.format.manifest import (
     FORMAT_VERSION,
     SCOPE_RANK,
@@ -37,7 +38,6 @@ from resumekit.format.manifest import (
     FileRecord,
     Manifest,
     current_format,
-    step_dir,
 )
 from resumekit.staging.background import AsyncSaves
 from resumekit.storage import open_storage

@@ -29,7 +29,7 @@ from typing import Any
 from resumekit.cli.access import CliError, Root, jsonable, parse_storage_options, split_target
 from resumekit.drift import DriftPolicy
 from resumekit.errors import ResumeKitError
-from resumekit.format.manifest import MANIFEST, parse_step_dir
+from resumekit.format.layout import MANIFEST, parse_step_dir
 
 __all__ = ["main"]
 

@@ -20,7 +20,8 @@ import crc32c
 
 from resumekit._messages import missing_file, not_committed, verify_hint
 from resumekit.errors import CheckpointCorruptError, CheckpointNotFoundError, ResumeKitError
-from resumekit.format.manifest import MANIFEST, FileRecord, Manifest, step_dir
+from resumekit.format.layout import MANIFEST, step_dir
+from resumekit.format.manifest import FileRecord, Manifest
 from resumekit.format.tensorfile import MAX_HEADER_BYTES, TensorSpec, header_length, parse_head
 from resumekit.storage import open_storage
 from resumekit.storage.base import Browsable

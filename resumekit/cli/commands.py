@@ -15,15 +15,14 @@ from resumekit.cli.access import CliError, Root
 from resumekit.drift import DriftPolicy, compare
 from resumekit.engine.environment import collect_environment
 from resumekit.errors import ResumeKitError, UnsupportedFormatError
+from resumekit.format.layout import MANIFEST, is_tensor_file, step_dir
 from resumekit.format.manifest import (
     FORMAT_VERSION,
-    MANIFEST,
     SCOPE_SHARDED,
     FileRecord,
     Manifest,
     current_format,
     entry_files,
-    step_dir,
 )
 from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import parse_head
@@ -167,7 +166,7 @@ def inspect(root: Root, step: int | None) -> dict[str, Any]:
                 "tensors": None,
                 "error": None,
             }
-            if rel.endswith(".safetensors"):
+            if is_tensor_file(rel):
                 f["tensors"], f["error"] = _tensors(root, s, rel, rec.size)
             files.append(f)
         entries.append(
@@ -211,7 +210,7 @@ def _check(root: Root, s: int, rel: str, rec: FileRecord) -> tuple[tuple[str, st
         problem = file_problem(where, rec, root.actual_size(s, rel))
         if problem is not None:
             return (problem.kind, problem.message), 0
-        check = root.check_file(s, rel, keep_content=rel.endswith(".json"))
+        check = root.check_file(s, rel, keep_content=not is_tensor_file(rel))
     except (ResumeKitError, OSError) as exc:
         return ("read", f"{where}: {exc}"), 0
     problem = file_problem(where, rec, check.size, check.crc32c)

@@ -17,6 +17,7 @@ import torch
 from resumekit.cli.access import Root, jsonable
 from resumekit.cli.commands import entry_file_names, natural_key
 from resumekit.format.codec import decode
+from resumekit.format.layout import is_tensor_file
 from resumekit.format.manifest import Manifest
 from resumekit.format.tensorfile import tensors_from_buffer
 
@@ -176,7 +177,7 @@ def diff(a_root: Root, a_step: int | None, b_root: Root, b_step: int | None) -> 
         files_added += [f"{entry}:{f}" for f in sorted(set(fb) - set(fa))]
         files_removed += [f"{entry}:{f}" for f in sorted(set(fa) - set(fb))]
         for file in sorted(set(fa) & set(fb)):
-            if file.endswith(".safetensors"):
+            if is_tensor_file(file):
                 ta, tb = a.tensors(fa[file]), b.tensors(fb[file])
                 compared += len(set(ta) & set(tb))
                 identical += _compare_tensors(entry, file, ta, tb, tensor_changes)
@@ -185,7 +186,7 @@ def diff(a_root: Root, a_step: int | None, b_root: Root, b_step: int | None) -> 
                     value_changes.append({"entry": entry, "file": file, **ch})
         # A tensor file present on one side only: every tensor in it was added or removed.
         for file in sorted(set(fa) ^ set(fb)):
-            if file.endswith(".safetensors"):
+            if is_tensor_file(file):
                 ta = a.tensors(fa.get(file)) if file in fa else {}
                 tb = b.tensors(fb.get(file)) if file in fb else {}
                 _compare_tensors(entry, file, ta, tb, tensor_changes)

@@ -6,6 +6,8 @@ import datetime
 import json
 from typing import Any
 
+from resumekit.format.layout import is_tensor_file
+
 __all__ = ["render"]
 
 
@@ -123,7 +125,7 @@ def render_inspect(d: dict[str, Any]) -> str:
     ]
     for e in d["entries"]:
         for f in e["files"]:
-            if not f["path"].endswith(".safetensors"):
+            if not is_tensor_file(f["path"]):
                 continue
             out += ["", f"{e['name']}: {f['path']} ({human_bytes(f['size'])})"]
             if f["error"]:

@@ -20,7 +20,8 @@ from resumekit.engine.live import live_entries
 from resumekit.engine.plan import RestoreOptions
 from resumekit.engine.restore import read_newest
 from resumekit.errors import CheckpointCorruptError
-from resumekit.format.manifest import Manifest, step_dir
+from resumekit.format.layout import step_dir
+from resumekit.format.manifest import Manifest
 from resumekit.storage.base import Storage
 
 __all__ = ["verify_committed"]

@@ -21,7 +21,7 @@ from resumekit.engine.live import LiveEntry
 from resumekit.engine.plan import EntryRead, Facts, FileRef, LoadPlan, StepPlan
 from resumekit.errors import CheckpointCorruptError
 from resumekit.format.codec import decode
-from resumekit.format.manifest import step_dir
+from resumekit.format.layout import step_dir
 from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import (
     RangeReader,

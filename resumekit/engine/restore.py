@@ -32,7 +32,8 @@ from resumekit.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from resumekit.format.manifest import Manifest, step_dir
+from resumekit.format.layout import MANIFEST, step_dir
+from resumekit.format.manifest import Manifest
 from resumekit.storage.base import Storage
 from resumekit.storage.verify import step_manifest
 
@@ -142,7 +143,7 @@ def _plan(t: _Target, s: int, stack: contextlib.ExitStack) -> tuple[StepReader, 
 
 
 def _manifest(storage: Storage, url: str, s: int) -> Manifest:
-    where = f"{url}/{step_dir(s)}/manifest.json"
+    where = f"{url}/{step_dir(s)}/{MANIFEST}"
     raw = storage.read_manifest(s)
     if raw is None:
         raise _Absent(f"{where} does not exist")

@@ -15,6 +15,8 @@ from typing import Any
 import crc32c
 
 from resumekit.errors import CheckpointCorruptError, UnsafeCheckpointError, UnsupportedFormatError
+from resumekit.format import layout as _layout
+from resumekit.format.layout import is_plain_file_path, valid_writer_prefix
 from resumekit.format.strict_json import expect_dict as _dict
 from resumekit.format.strict_json import expect_list as _list
 from resumekit.format.strict_json import expect_str as _str
@@ -29,8 +31,6 @@ __all__ = [
     "FileRecord",
     "Manifest",
     "entry_files",
-    "parse_step_dir",
-    "step_dir",
     "validate_entry_name",
 ]
 
@@ -39,7 +39,6 @@ FORMAT_VERSION = 2
 #: The format written for checkpoints without sharded entries, so earlier resumekits keep reading them.
 #: Format 2 adds entries of scope "sharded" (see resumekit/sharding/metadata.py).
 UNSHARDED_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 #: A manifest larger than this is refused unread.
 MAX_MANIFEST_BYTES = 64 << 20
 #: A single file larger than this (1 PiB) is treated as hostile.
@@ -67,10 +66,6 @@ def seal(d: dict[str, Any]) -> bytes:
 
 
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-_FILE_RE = re.compile(
-    r"^(w-[0-9a-f]{16}/)?(rank-[0-9]{5}/)?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\.(json|safetensors)$"
-)
-_STEP_RE = re.compile(r"^step-([0-9]{12,20})$")
 
 SCOPE_REPLICATED = "replicated"
 SCOPE_RANK = "rank"
@@ -83,15 +78,9 @@ def current_format(saved: int) -> int:
     return saved if UNSHARDED_FORMAT_VERSION <= saved <= FORMAT_VERSION else FORMAT_VERSION
 
 
-def step_dir(step: int) -> str:
-    """Folder name of a step: zero-padded so that names sort like numbers."""
-    return f"step-{step:012d}"
-
-
-def parse_step_dir(name: str) -> int | None:
-    """The step a folder name denotes, or None for anything else (temporary folders, debris)."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
+def entry_files(name: str, scope: str, rank: int, has_tensors: bool) -> tuple[str, str | None]:
+    """The skeleton and tensor file names of one entry of ``scope``."""
+    return _layout.entry_files(name, scope == SCOPE_RANK, rank, has_tensors)
 
 
 def validate_entry_name(name: Any) -> str:
@@ -106,17 +95,6 @@ def validate_entry_name(name: Any) -> str:
             "starting with a letter, digit or underscore (it becomes a file name)."
         )
     return name
-
-
-def rank_prefix(rank: int) -> str:
-    """Folder of per-rank entries inside a step."""
-    return f"rank-{rank:05d}/"
-
-
-def entry_files(name: str, scope: str, rank: int, has_tensors: bool) -> tuple[str, str | None]:
-    """The skeleton and tensor file names of one entry."""
-    prefix = rank_prefix(rank) if scope == SCOPE_RANK else ""
-    return f"{prefix}{name}.json", (f"{prefix}{name}.safetensors" if has_tensors else None)
 
 
 @dataclass(frozen=True)
@@ -220,7 +198,7 @@ class Manifest:
             if isinstance(exc, (UnsafeCheckpointError, CheckpointCorruptError)):
                 raise
             raise CheckpointCorruptError(f"{where}: manifest field missing or malformed: {exc!r}") from exc
-        if m.data_prefix and not re.fullmatch(r"w-[0-9a-f]{16}/", m.data_prefix):
+        if not valid_writer_prefix(m.data_prefix):
             raise UnsafeCheckpointError(f"{where}: manifest has an unsafe data_prefix {m.data_prefix!r}")
         if m.checksum != "crc32c":
             raise UnsupportedFormatError(f"{where}: unknown checksum algorithm {m.checksum!r}")
@@ -228,7 +206,7 @@ class Manifest:
 
 
 def _safe_path(p: Any, where: str) -> str:
-    if not isinstance(p, str) or not _FILE_RE.match(p) or ".." in p:
+    if not isinstance(p, str) or not is_plain_file_path(p):
         raise UnsafeCheckpointError(
             f"{where}: manifest names file {p!r}, which is not a plain file name inside the step folder "
             "(absolute paths, '..', URLs and other folders are refused). The checkpoint is hostile or "

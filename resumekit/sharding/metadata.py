@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resumekit.errors import CheckpointCorruptError, UnsupportedValueError
-from resumekit.format.manifest import rank_prefix
+from resumekit.format.layout import rank_prefix
 from resumekit.format.strict_json import expect_dict as _dict
 from resumekit.format.strict_json import expect_list as _list
 from resumekit.format.strict_json import expect_str as _str

@@ -21,14 +21,13 @@ from resumekit.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from resumekit.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir, step_dir
+from resumekit.format.layout import MANIFEST, TMP_PREFIX, parse_step_dir, parse_tmp_dir, step_dir, tmp_dir
+from resumekit.format.manifest import MAX_MANIFEST_BYTES
 from resumekit.format.tensorfile import RangeReader
 from resumekit.storage.base import Buffer, Stage, new_buffer
 from resumekit.storage.safe_open import not_kind_message, open_checked
 
 __all__ = ["LocalStorage", "publish_folder"]
-
-_TMP_PREFIX = ".tmp-"
 
 
 def _io_error(exc: OSError, what: str, path: str) -> StorageError:
@@ -82,7 +81,7 @@ class _LocalStage:
     def __init__(self, root: str, step: int, writer_id: str) -> None:
         self.root = root
         self.step = step
-        self.tmp = os.path.join(root, f"{_TMP_PREFIX}{step_dir(step)}-{writer_id}")
+        self.tmp = os.path.join(root, tmp_dir(step, writer_id))
         self.data_prefix = ""
         # Two files written and fsynced at once took 0.9 s where one after the other took 2.0-2.6 s
         # (2 x 512 MiB, this project's virtio disk): one file's fsync overlaps the other's writes.
@@ -300,7 +299,7 @@ class LocalStorage:
         now = time.time()
         for name in names:
             path = os.path.join(self.root, name)
-            is_tmp = name.startswith(_TMP_PREFIX)
+            is_tmp = name.startswith(TMP_PREFIX)
             is_debris = parse_step_dir(name) is not None and not os.path.lexists(os.path.join(path, MANIFEST))
             if not (is_tmp or is_debris):
                 continue
@@ -329,8 +328,6 @@ class LocalStorage:
     def unfinished(self) -> list[tuple[int, str]]:
         """Temporary folders of saves that never committed, as (step, folder name), ascending."""
         with contextlib.suppress(OSError):
-            names = [n for n in os.listdir(self.root) if n.startswith(_TMP_PREFIX)]
-            # "<prefix>step-000000001200-<writer id>", as _LocalStage names it
-            found = [(parse_step_dir(n[len(_TMP_PREFIX) :].rsplit("-", 1)[0]), n) for n in names]
+            found = [(parse_tmp_dir(n), n) for n in os.listdir(self.root)]
             return sorted((s, n) for s, n in found if s is not None)
         return []

@@ -21,7 +21,8 @@ from typing import Any, Optional, TypeVar
 import crc32c
 
 from resumekit.errors import CommitConflictError, StorageError
-from resumekit.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir
+from resumekit.format.layout import MANIFEST, parse_step_dir
+from resumekit.format.manifest import MAX_MANIFEST_BYTES
 from resumekit.storage.retry import (
     COMMIT_POLICY,
     RetryPolicy,

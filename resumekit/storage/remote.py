@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
@@ -16,7 +17,8 @@ from resumekit.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from resumekit.format.manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_step_dir, step_dir
+from resumekit.format.layout import MANIFEST, parse_step_dir, step_dir, writer_prefix
+from resumekit.format.manifest import MAX_MANIFEST_BYTES
 from resumekit.storage.base import Buffer, Stage, new_buffer
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ class _FsspecStage:
         self.step = step
         self.writer_id = writer_id
         # A folder private to this writer: two writers racing for one step never mix files.
-        self.data_prefix = f"w-{writer_id}/"
+        self.data_prefix = writer_prefix(writer_id)
         # Objects upload side by side (each S3 object's parts too, within one budget of requests in
         # flight), so one object's slow last part or completion overlaps the next one's upload.
         self.parallel_files = _PARALLEL_OBJECTS
@@ -82,7 +84,10 @@ class _FsspecStage:
             return False
         if manifest is not None:
             return bytes(existing) == bytes(manifest)
-        return f'"data_prefix": "{self.data_prefix}"'.encode() in existing
+        try:
+            return bool(json.loads(bytes(existing)).get("data_prefix") == self.data_prefix)
+        except (ValueError, AttributeError):  # not a manifest: not ours
+            return False
 
     def abort(self) -> None:
         # Delete our data only when provably not committed: after a commit whose answer was lost, the

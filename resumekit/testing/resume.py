@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from resumekit.checkpointer import Checkpointer
 from resumekit.errors import ResumeKitError
+from resumekit.format.layout import MANIFEST, skeleton_of, step_dir
 
 __all__ = ["ComplianceError", "check_resume", "check_roundtrip"]
 
@@ -128,14 +129,14 @@ def _run_segment(
 
 
 def _files(root: str) -> tuple[dict[str, Any], dict[str, str]]:
-    manifest = json.loads((Path(root) / "step-000000000000" / "manifest.json").read_text())
+    manifest = json.loads((Path(root) / step_dir(0) / MANIFEST).read_text())
     crcs = {p: rec["crc32c"] for p, rec in manifest["files"].items()}
     return manifest["entries"], crcs
 
 
 def _skeleton(root: str, path: str) -> Any:
     try:
-        return json.loads((Path(root) / "step-000000000000" / path).read_text())
+        return json.loads((Path(root) / step_dir(0) / path).read_text())
     except (OSError, ValueError):
         return None
 
@@ -143,7 +144,7 @@ def _skeleton(root: str, path: str) -> Any:
 def _causes(expected_root: str, actual_root: str, differing: list[str], notes: list[str]) -> list[str]:
     """Likely causes of a difference, from the entries' records and the segments' warnings."""
     causes = []
-    skeletons = dict.fromkeys(p.rsplit(".", 1)[0] + ".json" for p in differing)
+    skeletons = dict.fromkeys(skeleton_of(p) for p in differing)
     for path in skeletons:
         e, a = _skeleton(expected_root, path), _skeleton(actual_root, path)
         positions = isinstance(e, dict) and isinstance(a, dict) and {"epoch", "consumed"} <= set(e) & set(a)

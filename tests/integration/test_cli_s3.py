@@ -20,7 +20,7 @@ from torch import nn
 
 import resumekit as rk
 from resumekit.cli import main
-from resumekit.format.manifest import step_dir
+from resumekit.format.layout import step_dir
 
 pytestmark = pytest.mark.s3
 

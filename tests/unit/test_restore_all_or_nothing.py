@@ -242,7 +242,9 @@ def test_an_rng_record_this_process_cannot_restore_is_refused_before_the_model_c
     other_kind.register("augment", random.Random(3))  # registered as another kind of generator
     before = snapshot(live)
     torch_before, python_before = torch.get_rng_state(), random.getstate()
-    with pytest.raises(StateMismatchError, match=r"generators\['augment'\].*torch\.Generator.*random\.Random"):
+    with pytest.raises(
+        StateMismatchError, match=r"generators\['augment'\].*torch\.Generator.*random\.Random"
+    ):
         rk.Checkpointer(tmp_path).restore({**live, "rng": other_kind})
     assert_unchanged(before, live)
     assert torch.equal(torch_before, torch.get_rng_state()) and python_before == random.getstate()

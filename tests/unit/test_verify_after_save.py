@@ -13,7 +13,7 @@ import torch
 
 import resumekit as rk
 from resumekit.errors import CheckpointCorruptError
-from resumekit.format.manifest import step_dir
+from resumekit.format.layout import step_dir
 from resumekit.storage.base import Stage
 from resumekit.storage.local import LocalStorage
 
