@@ -264,13 +264,7 @@ def retry_call(
         try:
             return fn()
         except Exception as exc:
-            if not retry_if(exc):
-                if is_transient(exc):  # retried below us (botocore) until its budget ran out
-                    raise _storage_error(exc, what, attempt) from exc
-                raise
-            if attempt == policy.attempts:
-                raise _storage_error(exc, what, attempt) from exc
-            sleep(policy.delay(attempt))
+            sleep(_delay_or_raise(exc, attempt, what=what, policy=policy, retry_if=retry_if))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -286,11 +280,24 @@ async def retry_async(
         try:
             return await fn()
         except Exception as exc:
-            if not retry_if(exc):
-                if is_transient(exc):  # retried below us (botocore) until its budget ran out
-                    raise _storage_error(exc, what, attempt) from exc
-                raise
-            if attempt == policy.attempts:
-                raise _storage_error(exc, what, attempt) from exc
-            await asyncio.sleep(policy.delay(attempt))
+            await asyncio.sleep(_delay_or_raise(exc, attempt, what=what, policy=policy, retry_if=retry_if))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _delay_or_raise(
+    exc: Exception,
+    attempt: int,
+    *,
+    what: str,
+    policy: RetryPolicy,
+    retry_if: Callable[[BaseException], bool],
+) -> float:
+    """The one retry decision of :func:`retry_call` and :func:`retry_async`: how long to wait before
+    the next attempt after ``exc``, or raise (``exc`` itself, or a StorageError once retries are spent)."""
+    if not retry_if(exc):
+        if is_transient(exc):  # retried below us (botocore) until its budget ran out
+            raise _storage_error(exc, what, attempt) from exc
+        raise exc
+    if attempt == policy.attempts:
+        raise _storage_error(exc, what, attempt) from exc
+    return policy.delay(attempt)
