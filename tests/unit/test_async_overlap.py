@@ -16,6 +16,7 @@ import torch
 import resumekit as rk
 from resumekit.errors import StagingError
 from resumekit.staging import buffers as _staging
+from resumekit.storage import open_storage
 
 # (staging, staging_budget): the old full copy, the default, a bounded pool, and no pool at all
 # (every pending tensor is streamed by the writer straight from live memory).
@@ -213,8 +214,7 @@ def test_writer_failure_releases_a_waiting_training_thread(tmp_path: Path) -> No
     # Budget 0: no tensor is copied; each would be streamed by the writer, which fails first. A write
     # waiting for the writer to pass its tensor must be released, not hang.
     state = _objects()
-    with rk.Checkpointer(tmp_path) as ckpt:
-        ckpt._storage = _FullDisk(ckpt._storage)  # type: ignore[assignment]
+    with rk.Checkpointer(tmp_path, storage=_FullDisk(open_storage(str(tmp_path)))) as ckpt:
         ckpt.save_async({"model": state["model"]}, step=1, staging_budget=0)
         done = threading.Event()
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 import torch
 
 import resumekit as rk
 from resumekit.errors import StorageError
-from resumekit.storage import local as _storage
+from resumekit.storage.base import Stage
+from resumekit.storage.local import LocalStorage
 
 BIG = 3 << 20  # float32 elements: 12 MiB per tensor file, above the threshold for a thread of its own
 
@@ -23,35 +24,44 @@ def _state(n: int) -> dict[str, dict[str, torch.Tensor]]:
     return {f"part{i}": {"w": torch.full((BIG,), float(i))} for i in range(n)}
 
 
-def _wrap_open_write(monkeypatch: pytest.MonkeyPatch, before_body: object) -> None:
-    original = _storage._LocalStage.open_write
+class _HookedStage:
+    """A stage that calls ``before_body(relpath)`` once a tensor file is open, before its bytes."""
+
+    def __init__(self, inner: Stage, before_body: Callable[[str], None]) -> None:
+        self._inner, self._before_body = inner, before_body
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # parallel_files, commit, abort
 
     @contextlib.contextmanager
-    def open_write(self: _storage._LocalStage, relpath: str) -> Iterator[IO[bytes]]:
-        with original(self, relpath) as f:
+    def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
+        with self._inner.open_write(relpath) as f:
             if relpath.endswith(".safetensors"):
-                before_body(relpath)  # type: ignore[operator]
+                self._before_body(relpath)
             yield f
 
-    monkeypatch.setattr(_storage._LocalStage, "open_write", open_write)
+
+class _HookedDisk(LocalStorage):
+    def __init__(self, path: Path, before_body: Callable[[str], None]) -> None:
+        super().__init__(str(path))
+        self._before_body = before_body
+
+    def stage(self, step: int, writer_id: str) -> Stage:
+        return _HookedStage(super().stage(step, writer_id), self._before_body)  # type: ignore[return-value]
 
 
-def test_tensor_files_are_written_at_the_same_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensor_files_are_written_at_the_same_time(tmp_path: Path) -> None:
     # Two writes must be inside open_write together to pass the barrier; one after the other, it breaks.
     barrier = threading.Barrier(2, timeout=20)
-    _wrap_open_write(monkeypatch, lambda relpath: barrier.wait())
-    ckpt = rk.Checkpointer(tmp_path)
+    ckpt = rk.Checkpointer(tmp_path, storage=_HookedDisk(tmp_path, lambda relpath: barrier.wait()))
     ckpt.save(_state(2), step=1)
     target: dict[str, dict[str, torch.Tensor]] = {"part0": {}, "part1": {}}
     ckpt.restore(target)
     assert torch.equal(target["part1"]["w"], torch.full((BIG,), 1.0))
 
 
-def test_a_failing_file_among_parallel_writes_commits_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ckpt = rk.Checkpointer(tmp_path)
-    ckpt.save(_state(3), step=1)
+def test_a_failing_file_among_parallel_writes_commits_nothing(tmp_path: Path) -> None:
+    rk.Checkpointer(tmp_path).save(_state(3), step=1)
     finished: list[str] = []
     lock = threading.Lock()
 
@@ -61,7 +71,7 @@ def test_a_failing_file_among_parallel_writes_commits_nothing(
         with lock:
             finished.append(relpath)
 
-    _wrap_open_write(monkeypatch, before_body)
+    ckpt = rk.Checkpointer(tmp_path, storage=_HookedDisk(tmp_path, before_body))
     with pytest.raises(StorageError) as info:
         ckpt.save(_state(3), step=2)
     assert info.value.errno == errno.ENOSPC

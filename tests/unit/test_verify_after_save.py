@@ -55,9 +55,10 @@ class _LyingDisk(LocalStorage):
 
 
 def _checkpointer(root: Path, verify: bool) -> rk.Checkpointer:
-    ckpt = rk.Checkpointer(root, keep_last=1, verify_after_save=verify)
-    ckpt._storage = _LyingDisk(str(root), lie_on={2})  # the fake stands in for the real disk
-    return ckpt
+    # The fake stands in for the real disk.
+    return rk.Checkpointer(
+        root, keep_last=1, verify_after_save=verify, storage=_LyingDisk(str(root), lie_on={2})
+    )
 
 
 def _state(step: int) -> dict[str, Any]:
