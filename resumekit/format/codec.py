@@ -302,11 +302,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _encode_key(k: Any, path: str) -> Any:
     t = type(k)
-    if t is int and k.bit_length() > _JSON_INT_BITS:
-        return {_TAG: "int", "hex": format(k, "x")}
-    if k is None or t is bool or t is int or t is str:
-        return k
-    if t is float:
+    if k is None or t in (bool, int, str, float):  # encoded as the same values are (big ints, inf, nan)
         return encode(k, TensorTable(), path)
     if t is tuple:
         return {_TAG: "tuple", "items": [_encode_key(v, path) for v in k]}
