@@ -25,6 +25,7 @@ from resumekit.format.layout import step_dir
 from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import (
     RangeReader,
+    TensorSpec,
     parse_head,
     read_raw_header,
     read_tensors,
@@ -65,6 +66,7 @@ class StepReader(contextlib.ExitStack):
         self._open: dict[str, RangeReader] = {}
         self._fetched: dict[str, Future[Download]] = {}
         self._headers: dict[str, bytes] = {}
+        self._parsed: dict[str, dict[str, TensorSpec]] = {}
         self._shards: ShardFiles | None = None
         self.callback(self._cancel_fetches)
 
@@ -87,8 +89,7 @@ class StepReader(contextlib.ExitStack):
             if r.eager:
                 values[r.name] = self._decode(r, skeletons[r.name], self._tensors(r.tensors, None))
             elif r.tensors is not None:
-                raw = self._header(r.tensors)
-                specs[r.name] = parse_head(raw, r.tensors.record.size, self._at(r.tensors))
+                specs[r.name] = self._specs(r.tensors)
         return Facts(skeletons, specs, values, sharded)
 
     def read_values(self, load: LoadPlan, facts: Facts, entries: Mapping[str, LiveEntry]) -> dict[str, Any]:
@@ -167,6 +168,12 @@ class StepReader(contextlib.ExitStack):
             self._headers[ref.relpath] = read_raw_header(self._reader(ref), ref.record.size, self._at(ref))
         return self._headers[ref.relpath]
 
+    def _specs(self, ref: FileRef) -> dict[str, TensorSpec]:
+        """A tensor file's header, parsed and validated once (the plan checks it, the read uses it)."""
+        if ref.relpath not in self._parsed:
+            self._parsed[ref.relpath] = parse_head(self._header(ref), ref.record.size, self._at(ref))
+        return self._parsed[ref.relpath]
+
     def _tensors(
         self, ref: FileRef | None, dest: Mapping[str, torch.Tensor] | None, into: str | None = None
     ) -> dict[str, torch.Tensor]:
@@ -179,7 +186,9 @@ class StepReader(contextlib.ExitStack):
         if into is not None:
             self.touched.append(into)
         size = ref.record.size
-        tensors, crc = read_tensors(self._reader(ref), size, self._at(ref), dest, self._header(ref))
+        tensors, crc = read_tensors(
+            self._reader(ref), size, self._at(ref), dest, self._header(ref), self._specs(ref)
+        )
         fix = CORRUPTED_AFTER_WRITE
         if into is not None:
             fix += (

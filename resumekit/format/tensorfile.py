@@ -356,6 +356,7 @@ def read_tensors(
     where: str,
     dest: Mapping[str, torch.Tensor] | None = None,
     raw_header: bytes | None = None,
+    specs: Mapping[str, TensorSpec] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Read a safetensors file of ``size`` bytes; return its tensors and the crc32c of every byte.
 
@@ -375,6 +376,8 @@ def read_tensors(
         dest: name -> live tensor to read into (names as :class:`~resumekit.format.codec.TensorTable` gives them),
             or None.
         raw_header: the file's header as :func:`read_raw_header` gave it, when the caller already read it.
+        specs: what :func:`parse_head` made of ``raw_header``, when the caller already parsed it (the
+            header is then not parsed again).
 
     Returns:
         ``(tensors, crc32c)``. The caller must compare the checksum before trusting the values; on a
@@ -385,7 +388,10 @@ def read_tensors(
         UnsafeCheckpointError: the header declares absurd sizes.
     """
     raw = raw_header if raw_header is not None else read_raw_header(reader, size, where)
-    specs, data_start = _parse_header_json(raw[8:], size, where)
+    if specs is None or raw_header is None:
+        specs, data_start = _parse_header_json(raw[8:], size, where)
+    else:
+        data_start = len(raw)
     crc = crc32c.crc32c(raw)
     out: dict[str, torch.Tensor] = {}
     chunks: list[tuple[memoryview, int]] = []
