@@ -192,3 +192,62 @@ def test_sigkill_in_the_middle_of_a_multipart_upload(moto_process: S3Endpoint, t
     debris = match.group(1)
     assert not fs.exists(f"{root}/{step_dir(2)}/{debris}/model.safetensors")  # never visible
     _resume_and_clean(server, root, 2, numel, debris, expect_upload=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_after_every_request_of_a_save_never_shows_a_torn_step(
+    moto_process: S3Endpoint, tmp_path: Path
+) -> None:
+    """A writer killed after each request of a save in turn (the existence check, each data object, the
+    manifest, retention): the step is either absent or restores exactly, and the previous step always
+    restores exactly. (A kill inside a multipart upload: the test above.)"""
+    server = moto_process
+    numel = 1000
+    root = f"{server.bucket}/{unique_prefix('kill-every')}"
+    url = f"s3://{root}"
+    rk.Checkpointer(url, storage_options=server.storage_options).save(_state(1, numel), step=1)
+    expected = {1: snapshot(_state(1, numel)), 2: snapshot(_state(2, numel))}
+
+    def kill_after(requests: int | None) -> tuple[int, int]:
+        """Run the step-2 save of a fresh root copy's writer; SIGKILL it once ``requests`` reached the
+        store (None: let it finish). Returns (requests seen, exit code)."""
+        with FaultProxy(server.endpoint_url) as proxy:
+            options = {**server.storage_options, "endpoint_url": proxy.url}
+            proc = _spawn(tmp_path, url, options, 2, "plain", numel)
+            deadline = time.monotonic() + 180
+            while requests is not None and proxy.count() < requests and proc.poll() is None:
+                assert time.monotonic() < deadline, "the writer stalled"
+                time.sleep(0.005)
+            if requests is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=180)
+            return proxy.count(), proc.returncode
+
+    fs = server.filesystem()
+    total, code = kill_after(None)
+    assert code == 0 and total >= 5, total
+    outcomes = []
+    for k in range(1, total + 1):
+        # Each try starts from step 1 alone: remove step 2 (and any debris) by deleting its prefix.
+        fs.invalidate_cache()
+        if fs.exists(f"{root}/{step_dir(2)}"):
+            fs.rm(f"{root}/{step_dir(2)}", recursive=True)
+        for upload in _uploads(fs, root):
+            bucket = root.split("/", 1)[0]
+            fs.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+        _, code = kill_after(k)
+        ckpt = rk.Checkpointer(url, storage_options=server.storage_options)
+        steps = ckpt.steps()
+        assert steps in ([1], [1, 2]), (k, steps)
+        outcomes.append((k, code, steps[-1]))
+        for s in steps:
+            target = _state(0, numel)
+            result = ckpt.restore(target, step=s)
+            assert result is not None and result.step == s
+            assert_restored(expected[s], target)
+    killed = [o for o in outcomes if o[1] == -signal.SIGKILL]
+    assert len(killed) >= total // 2, outcomes  # most tries really died inside the save
+    assert any(step == 1 for _, _, step in killed), outcomes  # some kill landed before the commit
