@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from resumekit._protocol import TrainingState
+from resumekit.errors import UnsupportedValueError
 from resumekit.format.manifest import SCOPE_RANK, SCOPE_REPLICATED, SCOPE_SHARDED, validate_entry_name
 
 __all__ = ["Item", "check_step", "items_of"]
@@ -33,13 +34,13 @@ def items_of(state: Mapping[str, Any], per_rank: frozenset[str]) -> list[Item]:
     for name, obj in state.items():
         validate_entry_name(name)
         if _is_loader(obj):
-            raise TypeError(_not_state(name, obj))
+            raise UnsupportedValueError(_not_state(name, obj))
         if isinstance(obj, TrainingState):
             kind = "state"
         elif isinstance(obj, MutableMapping):
             kind = "mapping"
         else:
-            raise TypeError(_not_state(name, obj))
+            raise UnsupportedValueError(_not_state(name, obj))
         scope = (
             SCOPE_RANK
             if name in per_rank or getattr(obj, "resumekit_scope", None) == "rank"

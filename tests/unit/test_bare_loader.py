@@ -190,4 +190,5 @@ def test_a_loader_in_the_state_is_refused_with_the_fix(kind: str, tmp_path: Any)
         ckpt.save({"loader": loader, "sampler": sampler}, step=1)
     assert "resumekit.ResumableSampler(dataset" in str(err.value)
     assert "resumekit.ResumableLoader(DataLoader(...))" in str(err.value)
+    assert isinstance(err.value, rk.ResumeKitError)  # `except ResumeKitError` catches it too
     assert ckpt.steps() == []
