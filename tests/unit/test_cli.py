@@ -23,8 +23,8 @@ import resumekit as rk
 from resumekit.cli import main
 from resumekit.cli.access import parse_storage_options, split_target
 from resumekit.cli.diff import max_abs_diff
-from resumekit.format.manifest import FORMAT_VERSION, UNSHARDED_FORMAT_VERSION, seal
 from resumekit.format.layout import step_dir
+from resumekit.format.manifest import FORMAT_VERSION, UNSHARDED_FORMAT_VERSION, seal
 
 SCRIPT = shutil.which("resumekit", path=str(Path(sys.executable).parent))
 
