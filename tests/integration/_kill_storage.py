@@ -1,4 +1,4 @@
-"""A storage wrapper that SIGKILLs its own process at a chosen point of a save (fault injection).
+"""A storage wrapper that SIGKILLs a rank at a chosen point of a save (fault injection).
 
 Passed as ``Checkpointer(url, storage=KillingStorage(open_storage(url)))`` on every rank; it delegates
 everything to the wrapped backend. Unarmed, it records the files this rank writes (path and size), so
@@ -10,9 +10,11 @@ this process with a real ``SIGKILL`` at one of :data:`KILL_POINTS`:
 - ``durable``: once ``nfiles`` data files are durable (their ``open_write`` exited without error);
 - ``commit``: rank 0, after every rank's outcome was gathered, before the manifest is written;
 - ``manifest``: rank 0, once half the manifest's bytes are written into the staging folder;
-- ``rename``: rank 0, with the manifest durable in the staging folder, before the rename that publishes it.
+- ``rename``: rank 0, with the manifest durable in the staging folder, before the rename that publishes it;
+- ``peer``: rank 0, after the gather, kills another rank (process ``pid``, waiting in the collective
+  that follows the commit) and commits once it is dead.
 
-The last two reach inside the local backend's commit through the OS calls it makes (``open`` and
+``manifest`` and ``rename`` reach inside the local backend's commit through the OS calls it makes (``open`` and
 ``os.rename``), patched only while that commit runs.
 """
 
@@ -22,15 +24,31 @@ import builtins
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-KILL_POINTS = ("stage", "mid-file", "durable", "commit", "manifest", "rename")
+KILL_POINTS = ("stage", "mid-file", "durable", "commit", "manifest", "rename", "peer")
 
 
 def die() -> None:
     """End this process as a power cut or the OOM killer would: no handler, no clean-up runs."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL process ``pid`` (not a child of this one) and return once it is dead."""
+    os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # dead, not yet reaped
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} outlived its SIGKILL")
 
 
 class _DyingFile:
@@ -80,6 +98,8 @@ class _KillingStage:
         point = self._owner.point
         if point == "commit":
             die()
+        if point == "peer":
+            kill_and_wait(self._owner.pid)
         real_open, real_rename = builtins.open, os.rename
 
         def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
@@ -122,18 +142,18 @@ class KillingStorage:
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.point: str | None = None
-        self.path, self.nbytes, self.nfiles = "", 0, 0
+        self.path, self.nbytes, self.nfiles, self.pid = "", 0, 0, 0
         #: The data files of the latest save (path relative to the data prefix -> bytes), once durable.
         self.written: dict[str, int] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def arm(self, point: str, *, path: str = "", nbytes: int = 0, nfiles: int = 0) -> None:
-        """Die at ``point`` of the next save (see the module docstring)."""
+    def arm(self, point: str, *, path: str = "", nbytes: int = 0, nfiles: int = 0, pid: int = 0) -> None:
+        """Die (or kill ``pid``) at ``point`` of the next save (see the module docstring)."""
         if point not in KILL_POINTS:
             raise ValueError(f"unknown kill point {point!r}; expected one of {KILL_POINTS}")
-        self.point, self.path, self.nbytes, self.nfiles = point, path, nbytes, nfiles
+        self.point, self.path, self.nbytes, self.nfiles, self.pid = point, path, nbytes, nfiles, pid
 
     def stage(self, step: int, writer_id: str) -> _KillingStage:
         """Start writing ``step`` through the wrapped backend (dies first when armed for ``stage``)."""
