@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
+from resumekit.format.layout import MANIFEST
+
 KILL_POINTS = ("stage", "mid-file", "durable", "commit", "manifest", "rename", "peer")
 
 
@@ -104,7 +106,7 @@ class _KillingStage:
 
         def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
             f = real_open(file, mode, *args, **kwargs)
-            if point == "manifest" and "w" in mode and os.path.basename(str(file)) == "manifest.json":
+            if point == "manifest" and "w" in mode and os.path.basename(str(file)) == MANIFEST:
                 return _DyingFile(f, max(1, len(manifest) // 2))
             return f
 

@@ -46,6 +46,7 @@ from _sharded_helpers import (
 )
 
 import resumekit as rk
+from resumekit.format.layout import MANIFEST, parse_tmp_dir, step_dir
 from resumekit.storage import open_storage
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -68,7 +69,6 @@ CASES = (
     ("rename", 0, "async"),
 )
 PG_TIMEOUT = 20.0  # seconds: bounds any collective a survivor could be left waiting in
-STEP2 = "step-000000000002"
 
 
 def _new() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -155,7 +155,7 @@ def _entries(path: Path) -> list[str]:
 
 def _staged(entries: list[str], url: Path) -> dict[str, int]:
     """The dead save's staging folder: file (relative) -> size; empty when there is none."""
-    tmp = [e for e in entries if e.startswith(".tmp-" + STEP2)]
+    tmp = [e for e in entries if parse_tmp_dir(e) == 2]
     if not tmp:
         return {}
     (folder,) = tmp
@@ -165,12 +165,12 @@ def _staged(entries: list[str], url: Path) -> dict[str, int]:
 
 def _check_staged(point: str, victim: int, staged: dict[str, int], url: Path) -> None:
     """The dead save's staging folder holds what was written up to the kill point, and no more."""
-    files = json.loads((url / "step-000000000001" / "manifest.json").read_text())["files"]
+    files = json.loads((url / step_dir(1) / MANIFEST).read_text())["files"]
 
     def owned(rank: int) -> set[str]:
         return {p for p in files if p.startswith(f"rank-{rank:05d}/") or (rank == 0 and "/" not in p)}
 
-    data = {p for p in staged if p != "manifest.json"}
+    data = {p for p in staged if p != MANIFEST}
     if point in ("capture", "after-gather"):  # no stage opened; or the stage was committed
         assert staged == {}, (point, staged)
     elif point == "stage":  # the survivor wrote all its files, the victim none
@@ -181,7 +181,7 @@ def _check_staged(point: str, victim: int, staged: dict[str, int], url: Path) ->
         assert owned(1 - victim) <= data < owned(0) | owned(1), (point, victim, staged)
     else:  # every data file complete; the manifest half-written, written, or not at all
         assert data == owned(0) | owned(1), (point, victim, staged)
-        assert ("manifest.json" in staged) == (point in ("manifest", "rename")), (point, staged)
+        assert (MANIFEST in staged) == (point in ("manifest", "rename")), (point, staged)
 
 
 @pytest.mark.timeout(360)
@@ -216,8 +216,8 @@ def test_sigkill_of_one_rank_at_each_phase_leaves_the_previous_step(tmp_path: Pa
         for rank, check in enumerate(checks):
             r = check[root.name]
             # Nothing else is visible: the committed steps and (at most) the dead save's staging folder.
-            visible = [e for e in r["entries"] if not e.startswith(".tmp-" + STEP2)]
-            assert visible == [f"step-{s:012d}" for s in before], (point, victim, r["entries"])
+            visible = [e for e in r["entries"] if parse_tmp_dir(e) != 2]
+            assert visible == [step_dir(s) for s in before], (point, victim, r["entries"])
             _check_staged(point, victim, r["staged"], url)
             assert r["steps"] == before and r["latest"] == before[-1], (point, victim, rank, r)
             assert r["restored"] == before[-1] and r["diff"] == [], (point, victim, rank, r)
@@ -225,7 +225,7 @@ def test_sigkill_of_one_rank_at_each_phase_leaves_the_previous_step(tmp_path: Pa
             # commit), and its clean-up removed the dead save's folder.
             assert r["resaved"] == after[-1] and r["resaved_diff"] == [], (point, victim, rank, r)
             assert r["steps_after"] == after, (point, victim, rank, r)
-        assert _entries(url) == [f"step-{s:012d}" for s in after], (point, victim)
+        assert _entries(url) == [step_dir(s) for s in after], (point, victim)
         # With no process group: a plain model and optimizer get each step, bit for bit.
         ckpt = rk.Checkpointer(url)
         for step in after:
