@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -117,7 +118,8 @@ def write(
 
     Raises:
         The local failure on the rank where it happened; StorageError naming the failing ranks elsewhere.
-        Nothing is visible after a failure.
+        Nothing is visible after a failure. Once rank 0 has committed, its save succeeds even if the
+        other ranks cannot be told (they died after reporting their files durable): it warns instead.
     """
     world, step = snap.world, snap.step
     stage: Stage | None = None
@@ -138,6 +140,7 @@ def write(
         ),
     )
     reports = outcomes.payloads
+    nbytes = sum(size for r in reports for size, _ in r.values())
     commit_error = None
     if world.rank == 0 and stage is not None:
         all_files = {p: FileRecord(size, crc) for r in reports for p, (size, crc) in r.items()}
@@ -148,12 +151,27 @@ def write(
             stage.abort()
             local_exc = exc
             commit_error = describe(exc)
-    commit_error = world.broadcast_json(commit_error)
+    try:
+        commit_error = world.broadcast_json(commit_error)
+    except Exception as exc:
+        if world.rank != 0:
+            raise
+        if local_exc is not None:
+            raise local_exc from exc
+        # Rank 0 committed after every rank reported its files durable: the step is complete and
+        # visible whatever became of the others since, so this save must not report a failure.
+        warnings.warn(
+            f"resumekit: step {step} is committed, but the other ranks could not be told ({describe(exc)}); "
+            "one of them probably died after its files were durable. The process group is broken: "
+            "the next collective will fail. Restart the job; it resumes from this step.",
+            stacklevel=4,  # the caller of Checkpointer.save
+        )
+        return nbytes
     if commit_error:
         if local_exc is not None:
             raise local_exc
         raise StorageError(f"rank 0 could not commit step {step}: {commit_error}")
-    return sum(size for r in reports for size, _ in r.values())
+    return nbytes
 
 
 def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRecord]:

@@ -26,7 +26,7 @@ from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import ST_TO_DTYPE, tensors_from_buffer
 from resumekit.sharding.metadata import ShardingMeta, TensorRecord, index_file
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
-from resumekit.storage.base import Buffer, Storage
+from resumekit.storage.base import Buffer, PositionalReads, Storage, positional
 from resumekit.storage.verify import crc_hex
 
 __all__ = ["ShardFiles", "ShardedValue", "check_sharded", "read_meta", "read_sharded"]
@@ -77,6 +77,10 @@ class ShardFiles:
     indexes: dict[str, dict[str, Any]] = field(default_factory=dict)
     readers: dict[str, Any] = field(default_factory=dict)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    ranged: PositionalReads | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ranged = positional(self.storage)
 
     def __enter__(self) -> ShardFiles:
         return self
@@ -91,12 +95,13 @@ class ShardFiles:
         the file does not hold it."""
         rel = self.m.data_prefix + relfile
         idx_rel = self.m.data_prefix + index_file(relfile)
-        if not callable(getattr(self.storage, "open_reader", None)) or idx_rel not in self.m.files:
+        ranged = self.ranged
+        if ranged is None or idx_rel not in self.m.files:
             if rel not in self.whole:
                 buf = verified(self.storage, self.step, self.m, rel, self.where)
                 self.whole[rel] = tensors_from_buffer(buf, f"{self.where}/{rel}")
             return self.whole[rel].get(name)
-        index = self._index(rel, idx_rel)
+        index = self._index(ranged, rel, idx_rel)
         span = index["chunks"].get(name)
         if span is None:
             return None
@@ -108,12 +113,12 @@ class ShardFiles:
                 f"{self.where}/{idx_rel}: chunk '{name}' spans {span[1] - span[0]} bytes; "
                 f"{list(sizes)} of {dtype} needs {numel * dtype.itemsize}"
             )
-        buf = self._read(rel, span)
+        buf = self._read(ranged, rel, span)
         if numel == 0:
             return torch.empty(sizes, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(sizes)
 
-    def _index(self, rel: str, idx_rel: str) -> dict[str, Any]:
+    def _index(self, ranged: PositionalReads, rel: str, idx_rel: str) -> dict[str, Any]:
         if idx_rel not in self.indexes:
             where = f"{self.where}/{idx_rel}"
             try:
@@ -135,14 +140,13 @@ class ShardFiles:
             if not ok:
                 raise CheckpointCorruptError(f"{where}: malformed chunk index, or spans outside '{rel}'")
             self.indexes[idx_rel] = index
-            self._read(rel, index["header"])  # every byte of a file a rank reads from is verified
+            self._read(ranged, rel, index["header"])  # every byte of a file a rank reads from is verified
         return self.indexes[idx_rel]
 
-    def _read(self, rel: str, span: list[Any]) -> bytearray:
+    def _read(self, ranged: PositionalReads, rel: str, span: list[Any]) -> bytearray:
         reader = self.readers.get(rel)
         if reader is None:
-            open_reader = self.storage.open_reader  # type: ignore[attr-defined]  # checked by chunk()
-            reader = self.stack.enter_context(open_reader(self.step, rel, self.m.files[rel].size))
+            reader = self.stack.enter_context(ranged.open_reader(self.step, rel, self.m.files[rel].size))
             self.readers[rel] = reader
         begin, end, crc = span
         buf = bytearray(end - begin)

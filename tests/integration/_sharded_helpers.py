@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import pickle
+import signal
 import socket
+import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +31,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tuple[Any, ...]) -> None:
+def _entry(
+    rank: int, fn: Callable[..., None], world: int, port: int, args: tuple[Any, ...], pg_timeout: float | None
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    timeout = None if pg_timeout is None else timedelta(seconds=pg_timeout)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         fn(rank, world, *args)
     finally:
@@ -38,7 +47,7 @@ def _entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tupl
 def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 120.0) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; fail (killing them) past ``deadline`` s."""
     ctx = mp.start_processes(
-        _entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=False
+        _entry, args=(fn, world, free_port(), args, None), nprocs=world, start_method="spawn", join=False
     )
     end = time.monotonic() + deadline
     while not ctx.join(timeout=max(0.1, end - time.monotonic())):
@@ -47,6 +56,89 @@ def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 12
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"{fn.__name__} at world {world} did not finish within {deadline} s (a hang)")
+
+
+#: One job of :func:`fork_worlds`: ``fn(rank, world, *args)`` on a world of ``world`` processes.
+Job = tuple[Callable[..., None], int, tuple[Any, ...]]
+
+
+def fork_worlds(batches: list[list[Job]], *, deadline: float, pg_timeout: float) -> list[list[int | None]]:
+    """Run every job on its own gloo world of processes forked from one spawned parent: the jobs of a
+    batch at once, the batches one after the other. Each job's exit codes in rank order, jobs in
+    order (``-9``: SIGKILL; None: still running ``deadline`` s after its batch started, then killed:
+    a hang). ``pg_timeout`` (s) bounds every collective.
+
+    The parent imports torch's FSDP and DTensor modules once, so a job costs its own work, not a torch
+    import per process; a process may die (by design) without taking its peers with it.
+    """
+    import multiprocessing
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "codes.json"
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_zygote, args=(batches, deadline, pg_timeout, str(out))
+        )
+        proc.start()
+        proc.join(timeout=deadline * len(batches) + 60)
+        if proc.is_alive():
+            proc.kill()
+            raise TimeoutError(f"the forking parent of {len(batches)} batches did not finish (a hang)")
+        if proc.exitcode != 0 or not out.exists():
+            raise RuntimeError(f"the forking parent failed (exit code {proc.exitcode}); see its stderr")
+        codes: list[list[int | None]] = json.loads(out.read_text())
+        return codes
+
+
+def _zygote(batches: list[list[Job]], deadline: float, pg_timeout: float, out: str) -> None:
+    torch.set_num_threads(1)  # before any fork: no intra-op thread pool exists to be forked
+    for name in (
+        "torch.distributed.fsdp",
+        "torch.distributed.tensor",
+        "torch.distributed.checkpoint.state_dict",
+    ):
+        importlib.import_module(name)  # every job needs them: imported once, here
+
+    codes: list[list[int | None]] = []
+    for batch in batches:
+        running = [_fork_world(fn, world, args, pg_timeout) for fn, world, args in batch]
+        end = time.monotonic() + deadline
+        codes.extend([_wait_pid(pid, end) for pid in pids] for pids in running)
+    Path(out).write_text(json.dumps(codes))
+
+
+def _fork_world(fn: Callable[..., None], world: int, args: tuple[Any, ...], pg_timeout: float) -> list[int]:
+    port = free_port()
+    pids = []
+    for rank in range(world):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _entry(rank, fn, world, port, args, pg_timeout)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    return pids
+
+
+def _wait_pid(pid: int, end: float) -> int | None:
+    """The exit code of ``pid`` (``-signal`` if killed); None if it was still running at ``end``."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= end:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.05)
 
 
 def make_model(dims: tuple[int, int, int] = DIMS) -> torch.nn.Module:
