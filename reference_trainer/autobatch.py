@@ -68,7 +68,7 @@ def choose_batch_size(
         log.info("--auto-batch-size: reusing the batch size %d per device chosen by the first run", size)
         return size
     size = _probe(requested, model, profiles, target, placement)
-    if placement.mode == "ddp":
+    if placement.multiprocess:
         t = torch.tensor([size], device=placement.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         size = int(t.item())

@@ -2,7 +2,7 @@
 
 Units are stated once, here, and mean the same everywhere (field lessons):
 
-* ``--batch-size`` is always **per device**: per process under DDP, per GPU under DataParallel, the
+* ``--batch-size`` is always **per device**: per process under DDP and FSDP, per GPU under DataParallel, the
   whole micro-batch on one device. The global batch is ``batch size x devices x accumulation``.
 * ``--warmup-steps`` and ``--save-every-steps`` count **optimizer steps**, not micro-batches.
 * Checkpoint folders are numbered by **micro-batches** trained (the exact resume position, which may
@@ -37,6 +37,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     distributed: bool = False
+    fsdp: bool = False
     data_parallel: bool = False
     save_every_steps: int = 50
     keep_last: int = 3
@@ -134,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="DistributedDataParallel, one process per device; launch with torchrun (gloo on CPU, nccl on GPU)",
     )
     a(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2 (fully_shard per layer block + root), one process per device: parameters, gradients and "
+        "optimizer state sharded over the ranks; launch with torchrun (gloo on CPU, nccl on GPU)",
+    )
+    a(
         "--data-parallel",
         action="store_true",
         help="nn.DataParallel over the visible GPUs in one process (needs CUDA)",
@@ -216,7 +223,19 @@ def validate(cfg: PretrainConfig) -> None:
         raise UsageError(
             "--distributed and --data-parallel cannot be combined: --distributed runs one process per "
             "device under torchrun (DDP), --data-parallel runs one process over all GPUs (nn.DataParallel). "
-            "Pick one; see docs/pretrainer.md, 'DataParallel or DDP'."
+            "Pick one; see docs/pretrainer.md, 'DataParallel, DDP or FSDP'."
+        )
+    if cfg.fsdp and cfg.data_parallel:
+        raise UsageError(
+            "--fsdp and --data-parallel cannot be combined: --fsdp shards the model over one process per "
+            "device under torchrun (FSDP2), --data-parallel replicates it over all GPUs of one process "
+            "(nn.DataParallel). Pick one; see docs/pretrainer.md, 'DataParallel, DDP or FSDP'."
+        )
+    if cfg.fsdp and cfg.distributed:
+        raise UsageError(
+            "--fsdp and --distributed cannot be combined: both run one process per device under torchrun, "
+            "--distributed with a full model copy on each (DDP), --fsdp with the model sharded (FSDP2). "
+            "Pick one; see docs/pretrainer.md, 'DataParallel, DDP or FSDP'."
         )
     positive = {
         "--epochs": cfg.epochs,

@@ -1,9 +1,10 @@
-"""Where the model runs: one device, DDP (one process per device) or DataParallel (one process, all GPUs).
+"""Where the model runs: one device, DDP or FSDP2 (one process per device) or DataParallel (one process,
+all GPUs).
 
 Every impossible request is refused with a message instead of silently becoming something else:
 ``--data-parallel`` without a GPU does not quietly train on the CPU, ``--distributed`` outside torchrun
-does not quietly train one process, and torchrun without ``--distributed`` does not start N independent
-runs writing into the same folder.
+(or ``--fsdp``) does not quietly train one process, and torchrun without either does not start N
+independent runs writing into the same folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["Placement", "agree", "barrier", "resolve_placement", "shutdown", "wr
 
 log = logging.getLogger("reference_trainer")
 
-Mode = Literal["single", "ddp", "dp"]
+Mode = Literal["single", "ddp", "fsdp", "dp"]
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ class Placement:
     """The resolved parallel layout of this process.
 
     Attributes:
-        mode: ``"single"``, ``"ddp"`` or ``"dp"``.
+        mode: ``"single"``, ``"ddp"``, ``"fsdp"`` or ``"dp"``.
         device: This process's (first) device.
-        rank: This process's rank (0 unless DDP).
+        rank: This process's rank (0 unless DDP or FSDP).
         world_size: Number of processes.
         gpus_per_process: Devices one process drives (DataParallel: every visible GPU; else 1).
     """
@@ -49,6 +50,11 @@ class Placement:
     def devices(self) -> int:
         """Devices training in total: processes x devices per process."""
         return self.world_size * self.gpus_per_process
+
+    @property
+    def multiprocess(self) -> bool:
+        """Whether this process is one rank of a process group (DDP or FSDP): ranks must act together."""
+        return self.mode in ("ddp", "fsdp")
 
     @property
     def is_main(self) -> bool:
@@ -75,13 +81,13 @@ def resolve_placement(cfg: PretrainConfig) -> Placement:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda)
     if cfg.data_parallel:
         return _data_parallel(cfg, cuda)
-    if cfg.distributed:
-        return _ddp(use_cuda)
+    if cfg.distributed or cfg.fsdp:
+        return _join_group(use_cuda, "fsdp" if cfg.fsdp else "ddp")
     if _torchrun_world() > 1:
         raise UsageError(
             f"this process was started by torchrun with WORLD_SIZE={_torchrun_world()} but without "
-            "--distributed: every process would train the same run on its own and write into the same "
-            "output dir. Add --distributed (or launch without torchrun)."
+            "--distributed or --fsdp: every process would train the same run on its own and write into "
+            "the same output dir. Add --distributed (DDP) or --fsdp (FSDP2), or launch without torchrun."
         )
     return Placement(
         "single", torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
@@ -108,14 +114,15 @@ def _data_parallel(cfg: PretrainConfig, cuda: bool) -> Placement:
     return Placement("dp", torch.device("cuda", 0), gpus_per_process=count)
 
 
-def _ddp(use_cuda: bool) -> Placement:
+def _join_group(use_cuda: bool, mode: Mode) -> Placement:
+    flag = "--fsdp" if mode == "fsdp" else "--distributed"
     missing = [
         k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
     ]
     if missing:
         raise UsageError(
-            f"--distributed needs the environment torchrun sets up ({', '.join(missing)} missing). Launch "
-            "with: torchrun --nproc_per_node N -m reference_trainer --distributed ... (or python -m "
+            f"{flag} needs the environment torchrun sets up ({', '.join(missing)} missing). Launch "
+            f"with: torchrun --nproc_per_node N -m reference_trainer {flag} ... (or python -m "
             "torch.distributed.run ...)."
         )
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -131,11 +138,18 @@ def _ddp(use_cuda: bool) -> Placement:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    return Placement("ddp", device, rank=dist.get_rank(), world_size=dist.get_world_size())
+    return Placement(mode, device, rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
 def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
-    """Wrap the (already placed) model for the placement; the bare model stays what is checkpointed."""
+    """Wrap the (already placed) model for the placement; the bare model stays what is checkpointed.
+
+    Under FSDP2 there is no wrapper: the model itself is sharded in place and returned.
+    """
+    if placement.mode == "fsdp":
+        from reference_trainer.fsdp import shard_model
+
+        return shard_model(model, placement)
     if placement.mode == "ddp":
         ids = [placement.device.index] if placement.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -146,7 +160,7 @@ def wrap_model(model: nn.Module, placement: Placement) -> nn.Module:
 
 def agree(flag: bool, placement: Placement) -> bool:
     """True on every rank if ``flag`` is true on any rank (so all ranks stop at the same step)."""
-    if placement.mode != "ddp":
+    if not placement.multiprocess:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=placement.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -155,11 +169,11 @@ def agree(flag: bool, placement: Placement) -> bool:
 
 def barrier(placement: Placement) -> None:
     """Wait until every rank got here (so no rank exits while rank 0 still writes the outputs)."""
-    if placement.mode == "ddp" and dist.is_initialized():
+    if placement.multiprocess and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown(placement: Placement) -> None:
     """Leave the process group, if this process joined one."""
-    if placement.mode == "ddp" and dist.is_initialized():
+    if placement.multiprocess and dist.is_initialized():
         dist.destroy_process_group()

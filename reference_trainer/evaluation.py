@@ -84,7 +84,9 @@ def validate(
     Pairs are formed within each global validation batch (as in training, never across batches).
 
     Args:
-        model: The bare model, or a DataParallel wrapper (not DDP: its forward may run collectives).
+        model: The bare model, or a DataParallel wrapper (not DDP: its forward may run collectives). An
+            FSDP2 model's forward all-gathers its shards; that is safe here because every rank runs
+            as many forwards (``len(batches)`` is the same on every rank).
         dataset: The validation set.
         batches: This rank's batches.
         target: The target distance.

@@ -107,7 +107,9 @@ _DTYPES = {
 }
 
 
-def final_model_bytes(model: torch.nn.Module, metadata: Mapping[str, Any]) -> bytes:
+def final_model_bytes(
+    model: torch.nn.Module | Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+) -> bytes:
     """The model's weights as a plain safetensors file, loadable without resumekit.
 
     Written here rather than by ``safetensors.torch.save`` because that one orders the metadata of the
@@ -116,7 +118,8 @@ def final_model_bytes(model: torch.nn.Module, metadata: Mapping[str, Any]) -> by
     comparison of two runs needs.
 
     Args:
-        model: The bare model (not wrapped by DDP or DataParallel, so keys have no ``module.`` prefix).
+        model: The bare model (not wrapped by DDP or DataParallel, so keys have no ``module.`` prefix),
+            or its full state dict (under FSDP2, the gathered unsharded weights).
         metadata: Written into the safetensors header; values are converted to strings (sorted, compact
             JSON for non-strings), as the format requires.
 
@@ -138,7 +141,8 @@ def final_model_bytes(model: torch.nn.Module, metadata: Mapping[str, Any]) -> by
     }
     chunks: list[bytes] = []
     offset = 0
-    for name, value in sorted(model.state_dict().items()):
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    for name, value in sorted(weights.items()):
         t = value.detach().to("cpu").contiguous()
         if t.dtype not in _DTYPES:
             raise TypeError(f"tensor '{name}' has dtype {t.dtype}, which safetensors cannot store")

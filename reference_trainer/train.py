@@ -30,6 +30,7 @@ from reference_trainer.config import PretrainConfig
 from reference_trainer.data import SyntheticProfiles, target_distance, train_val_split
 from reference_trainer.devices import Placement, agree, wrap_model
 from reference_trainer.evaluation import EvalBatches, validate
+from reference_trainer.fsdp import export_state_dict
 from reference_trainer.loss import pairwise_loss
 from reference_trainer.model import ProfileEncoder
 from reference_trainer.outputs import OutputDir, final_model_bytes, json_bytes
@@ -106,7 +107,7 @@ class Run:
 
     Args:
         cfg: The parsed flags.
-        placement: The resolved device layout (process group already joined for DDP).
+        placement: The resolved device layout (process group already joined for DDP and FSDP).
         signals: The active stop-signal recorder.
         started: ``time.monotonic()`` at the start of the command (the time budget counts from it).
     """
@@ -203,6 +204,7 @@ class Run:
         mode = {
             "single": f"one process on {pl.device}",
             "ddp": f"DDP over {pl.world_size} processes ({'nccl' if pl.device.type == 'cuda' else 'gloo'}, {pl.device.type})",
+            "fsdp": f"FSDP2 over {pl.world_size} processes ({'nccl' if pl.device.type == 'cuda' else 'gloo'}, {pl.device.type}; parameters, gradients and optimizer state sharded)",
             "dp": f"DataParallel over {pl.gpus_per_process} GPUs in one process",
         }[pl.mode]
         micro = self.batch_size * pl.devices
@@ -430,6 +432,8 @@ class Run:
         p, cfg = self.progress, self.cfg
         self._save()
         reason = "early stopping" if p["early_stopped"] else "complete"
+        # Under --fsdp a collective (every rank gathers, rank 0 receives the full weights).
+        weights = export_state_dict(self.model, self.placement)
         if self.placement.is_main:
             metadata = {
                 "format": "reference_trainer.ProfileEncoder",
@@ -443,7 +447,7 @@ class Run:
                 "target": cfg.target,
                 "seed": cfg.seed,
             }
-            url = self.out.write_bytes(FINAL_MODEL, final_model_bytes(self.model, metadata))
+            url = self.out.write_bytes(FINAL_MODEL, final_model_bytes(weights, metadata))
             log.info("final weights (epoch %d of %d): %s", p["epoch"], cfg.epochs, url)
         # Only now, with the final weights written, may the history say "complete".
         hist.set_status(self.history, "complete", reason=reason)

@@ -8,6 +8,7 @@ import torch
 
 from resumekit.engine.keys import unwrap_model
 from resumekit.errors import StateMismatchError
+from resumekit.sharding.shards import dtensor_type
 
 __all__ = ["AccumulatedGradients"]
 
@@ -21,6 +22,11 @@ class AccumulatedGradients:
     Saved per rank (under ``no_sync`` ranks hold different partial gradients), under the unwrapped
     model's parameter names, so DDP/DataParallel/``torch.compile`` wrapping may change on resume.
 
+    Under FSDP2 (or any DTensor parameters) a gradient is a DTensor: each rank saves its own local
+    shard, and a restore rebuilds the DTensor on the parameter's mesh and placements. A shard only fits
+    the same sharding, so a checkpoint taken inside a window restores at the same world size and mesh;
+    one taken at a window boundary holds no gradients and restores anywhere.
+
     Args:
         model: the module whose parameters' gradients are saved (wrapped or not, as trained).
     """
@@ -31,11 +37,15 @@ class AccumulatedGradients:
         self.model = model
 
     def state_dict(self) -> dict[str, Any]:
-        """Each parameter's gradient (a tensor, or None where there is none)."""
-        return {
-            name: (None if p.grad is None else p.grad)
-            for name, p in unwrap_model(self.model).named_parameters()
-        }
+        """Each parameter's gradient (a tensor, this rank's shard of a DTensor, or None where there is none)."""
+        dt = dtensor_type()
+        out: dict[str, Any] = {}
+        for name, p in unwrap_model(self.model).named_parameters():
+            g = p.grad
+            # Invariant: no DTensor reaches the per-rank codec (it refuses them); the local shard is
+            # exactly what this rank accumulated, and the mesh/placements come back from the parameter.
+            out[name] = g.to_local() if dt is not None and isinstance(g, dt) else g
+        return out
 
     def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Check saved gradients against the model without changing anything.
@@ -58,13 +68,24 @@ class AccumulatedGradients:
         Every gradient is checked before any is set: on error nothing has changed.
 
         Raises:
-            StateMismatchError: a parameter is missing from the saved state, or a shape differs.
+            StateMismatchError: a parameter is missing from the saved state, or a shape differs (for a
+                DTensor parameter: the saved shard does not fit this rank's shard).
         """
         params = dict(unwrap_model(self.model).named_parameters())
         self._check(state_dict, params)
+        dt = dtensor_type()
         for name, p in params.items():
             g = state_dict[name]
-            p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype).clone()
+            if g is None:
+                p.grad = None
+            elif dt is not None and isinstance(p, dt):
+                local = p.to_local()
+                shard = g.detach().to(device=local.device, dtype=local.dtype).clone()
+                p.grad = dt.from_local(
+                    shard, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+            else:
+                p.grad = g.detach().to(device=p.device, dtype=p.dtype).clone()
 
     @staticmethod
     def _check(state_dict: Any, params: dict[str, torch.nn.Parameter]) -> None:
@@ -79,12 +100,28 @@ class AccumulatedGradients:
                 f"saved gradients lack parameters {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                 "the model changed since the checkpoint (or was wrapped differently)."
             )
+        dt = dtensor_type()
         for name, p in params.items():
             g = state_dict[name]
-            if g is not None and (not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(p.shape)):
+            if g is None:
+                continue
+            if dt is not None and isinstance(p, dt):
+                local = p.to_local()
+                if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(local.shape):
+                    shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                    raise StateMismatchError(
+                        f"saved gradient shard of '{name}' has shape {shape}, but this rank's shard of the "
+                        f"parameter is {tuple(local.shape)} (global {tuple(p.shape)}, {p.placements} on a "
+                        f"mesh of {p.device_mesh.size()}). The checkpoint was taken inside a "
+                        "gradient-accumulation window at another world size or sharding; resume it with "
+                        "the same world size and mesh, or from a checkpoint at a window boundary."
+                    )
+            elif not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(p.shape):
                 shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                 raise StateMismatchError(
                     f"saved gradient of '{name}' has shape {shape}, the parameter {tuple(p.shape)}; "
-                    "the model changed since the checkpoint. Restore without the gradients "
-                    "(only=[...] without this entry) and resume at an accumulation boundary."
+                    "the model changed since the checkpoint, or the checkpoint holds one rank's shards of "
+                    "a sharded run (FSDP2, tensor parallel) taken inside an accumulation window. Restore "
+                    "without the gradients (only=[...] without this entry) and resume at an accumulation "
+                    "boundary, or at the world size and sharding that saved it."
                 )

@@ -117,7 +117,9 @@ class EntryRead:
         shards: a sharded entry (its ``skeleton`` is then the sharding metadata, read before
             :func:`plan_load`): every rank's shard file and chunk index the manifest lists, of which
             this rank reads, after the plan, only the chunks its live shards overlap (each verified).
-            Empty for any other entry.
+            Empty for any other entry, and for a sharded entry without tensors (an optimizer
+            saved before its first step).
+        sharded_entry: the entry is sharded (``skeleton`` is its sharding metadata), shards or not.
     """
 
     name: str
@@ -126,11 +128,12 @@ class EntryRead:
     tensors: FileRef | None
     eager: bool
     shards: tuple[FileRef, ...] = ()
+    sharded_entry: bool = False
 
     @property
     def sharded(self) -> bool:
         """Whether the entry is sharded (FSDP2, tensor parallel): read from several ranks' files."""
-        return bool(self.shards)
+        return self.sharded_entry or bool(self.shards)
 
 
 @dataclass(frozen=True)
@@ -230,10 +233,10 @@ def _sharded_read(m: Manifest, name: str, purpose: str) -> EntryRead:
         for r in m.entries[name].ranks
         for rel in (shard_file(name, r), index_file(shard_file(name, r)))
     ]
+    # No shard file at all is legitimate: an optimizer that has not stepped yet has no tensors. A
+    # missing file is still caught: the metadata names every chunk's file and must find each listed.
     shards = tuple(FileRef(n, m.files[n]) for n in names if n in m.files)
-    if not shards:
-        raise CheckpointCorruptError(f"checkpoint step {m.step}: manifest lists no shard of entry '{name}'")
-    return EntryRead(name, purpose, FileRef(meta, m.files[meta]), None, False, shards)
+    return EntryRead(name, purpose, FileRef(meta, m.files[meta]), None, False, shards, sharded_entry=True)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,29 @@ class ShardedValue:
         else:
             if self.model is None:  # read_sharded sets it for every optimizer
                 raise StateMismatchError(f"sharded optimizer entry '{self.entry}' has no model")
+            if not any(k.startswith("state.") for k in self.state):
+                _apply_unstepped(obj, self.model, self.state)
+                return
             opts = StateDictOptions(flatten_optimizer_state_dict=True)
             set_optimizer_state_dict(self.model, obj, self.state, options=opts)
+
+
+def _apply_unstepped(opt: torch.optim.Optimizer, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Load an optimizer saved before its first step: its options, and no per-parameter state.
+
+    The mirror of the save side's ``param_group_values``: DCP's loader would first step the optimizer
+    to create its state (a first Adam step would then be its second) and then fails to unflatten a
+    state without ``state.*`` keys, so this is done here. ``check_sharded`` already matched every
+    parameter name against the live optimizer.
+    """
+    fqns = param_fqns(model)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k in group:
+                key = f"param_groups.{fqns[id(p)]}.{k}"
+                if k != "params" and key in state:
+                    group[k] = state[key]
+    opt.state.clear()  # the saved optimizer had not stepped: no moments, no step count
 
 
 @dataclass

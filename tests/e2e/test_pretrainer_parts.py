@@ -94,6 +94,8 @@ def test_final_model_bytes_are_deterministic_plain_safetensors() -> None:
     # Same weights and metadata in any order: the same bytes (safetensors' own writer orders the header's
     # metadata arbitrarily, which would break a bitwise comparison of two runs).
     assert final_model_bytes(model, dict(reversed(list(meta.items())))) == data
+    # A state dict (what --fsdp gathers) writes the same bytes as the model it came from.
+    assert final_model_bytes(dict(reversed(list(model.state_dict().items()))), meta) == data
     loaded = load(data)
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

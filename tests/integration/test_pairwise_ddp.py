@@ -1,9 +1,10 @@
-"""DDP on 2 processes with the gathered pairwise loss equals one process on the same global batch.
+"""DDP or FSDP2 on 2 processes with the gathered pairwise loss equals one process on the same global batch.
 
 Two real gloo processes on 127.0.0.1 (this file, run as a script, is the worker). Each rank computes the
 loss on its shard of a global batch and backpropagates through DistributedDataParallel; the test compares
 the loss and the averaged parameter gradients with a single process on the whole batch. It also runs the
-field-lesson bug (a per-rank loss without gathering) and shows that it differs materially.
+field-lesson bug (a per-rank loss without gathering) and shows that it differs materially. The same
+comparison runs with the encoder sharded as ``--fsdp`` shards it (FSDP2 averages gradients like DDP).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from torch.nn.parallel import DistributedDataParallel
 
+    from reference_trainer.devices import Placement
+    from reference_trainer.fsdp import shard_model
     from reference_trainer.loss import pairwise_loss
 
     dist.init_process_group(
@@ -78,6 +81,12 @@ def _worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
             shards = [torch.empty_like(embeddings[: min(cut, GLOBAL_BATCH - cut)]) for _ in range(world_size)]
             dist.all_gather(shards, embeddings[: min(cut, GLOBAL_BATCH - cut)].contiguous())
             results["plain_all_gather_requires_grad"] = torch.tensor([any(s.requires_grad for s in shards)])
+            sharded = shard_model(_setup()[0], Placement("fsdp", torch.device("cpu"), rank, world_size))
+            out = pairwise_loss(sharded(local), local, target, gather=True)
+            out.loss.backward()
+            results["fsdp.loss"] = out.loss.detach().reshape(1)
+            for name, p in sharded.named_parameters():
+                results[f"fsdp.grad.{name}"] = p.grad.full_tensor()
             save_file(results, str(out_dir / f"{config}-rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
@@ -113,7 +122,7 @@ def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 @pytest.mark.distributed
-def test_ddp_gathered_pairwise_loss_equals_single_process(tmp_path: Path) -> None:
+def test_ddp_and_fsdp_gathered_pairwise_loss_equals_single_process(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     port = _free_port()
@@ -175,6 +184,14 @@ def test_ddp_gathered_pairwise_loss_equals_single_process(tmp_path: Path) -> Non
             for name, grad in ref_grads.items():
                 torch.testing.assert_close(gathered[name], grad, rtol=1e-4, atol=1e-6, msg=f"{config} {name}")
             assert _relative_difference(gathered, ref_grads) < 1e-5
+            # FSDP2 (sharded as --fsdp does it) changes nothing: same loss, same full gradients.
+            fsdp = {k.removeprefix("fsdp.grad."): v for k, v in res.items() if k.startswith("fsdp.grad.")}
+            torch.testing.assert_close(res["fsdp.loss"][0], ref_loss, rtol=1e-5, atol=1e-7)
+            assert fsdp.keys() == ref_grads.keys()
+            for name, grad in ref_grads.items():
+                torch.testing.assert_close(
+                    fsdp[name], grad, rtol=1e-4, atol=1e-6, msg=f"fsdp {config} {name}"
+                )
             # The per-rank loss sees only its shard's pairs: a different loss and materially different gradients.
             shard = cut if r == 0 else GLOBAL_BATCH - cut
             assert int(res["per_rank.pairs"]) == shard * (shard - 1) // 2 < total_pairs
