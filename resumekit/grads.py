@@ -12,6 +12,9 @@ from resumekit.sharding.shards import dtensor_type
 
 __all__ = ["AccumulatedGradients"]
 
+#: The key under which a state lists where each saved DTensor gradient shard sits.
+_LAYOUT = "__dtensor_layout__"
+
 
 class AccumulatedGradients:
     """The ``.grad`` of every parameter of a model, so a checkpoint inside an accumulation window resumes
@@ -37,14 +40,23 @@ class AccumulatedGradients:
         self.model = model
 
     def state_dict(self) -> dict[str, Any]:
-        """Each parameter's gradient (a tensor, this rank's shard of a DTensor, or None where there is none)."""
+        """Each parameter's gradient (a tensor, this rank's shard of a DTensor, or None where there is
+        none); for DTensor gradients also where each shard sits (mesh shape, placements, this rank's
+        coordinate), so that a restore can tell a shard that fits from one that merely has its shape."""
         dt = dtensor_type()
         out: dict[str, Any] = {}
+        layout: dict[str, Any] = {}
         for name, p in unwrap_model(self.model).named_parameters():
             g = p.grad
             # Invariant: no DTensor reaches the per-rank codec (it refuses them); the local shard is
             # exactly what this rank accumulated, and the mesh/placements come back from the parameter.
-            out[name] = g.to_local() if dt is not None and isinstance(g, dt) else g
+            if dt is not None and isinstance(g, dt):
+                out[name] = g.to_local()
+                layout[name] = _layout(g)
+            else:
+                out[name] = g
+        if layout:
+            out[_LAYOUT] = layout
         return out
 
     def resumekit_validate(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -101,13 +113,18 @@ class AccumulatedGradients:
                 "the model changed since the checkpoint (or was wrapped differently)."
             )
         dt = dtensor_type()
+        layouts = state_dict.get(_LAYOUT, {})
         for name, p in params.items():
             g = state_dict[name]
             if g is None:
                 continue
+            saved_layout = layouts.get(name) if isinstance(layouts, dict) else None
             if dt is not None and isinstance(p, dt):
                 local = p.to_local()
-                if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(local.shape):
+                # The same shape is not enough: at another world size a shard of an uneven dimension can
+                # have this rank's shape and hold other rows.
+                fits = saved_layout == _layout(p)
+                if not fits or not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(local.shape):
                     shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                     raise StateMismatchError(
                         f"saved gradient shard of '{name}' has shape {shape}, but this rank's shard of the "
@@ -116,7 +133,11 @@ class AccumulatedGradients:
                         "gradient-accumulation window at another world size or sharding; resume it with "
                         "the same world size and mesh, or from a checkpoint at a window boundary."
                     )
-            elif not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(p.shape):
+            elif (
+                not isinstance(g, torch.Tensor)
+                or tuple(g.shape) != tuple(p.shape)
+                or (isinstance(saved_layout, dict) and _ranks_in(saved_layout) != 1)
+            ):
                 shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
                 raise StateMismatchError(
                     f"saved gradient of '{name}' has shape {shape}, the parameter {tuple(p.shape)}; "
@@ -125,3 +146,21 @@ class AccumulatedGradients:
                     "without the gradients (only=[...] without this entry) and resume at an accumulation "
                     "boundary, or at the world size and sharding that saved it."
                 )
+
+
+def _layout(t: Any) -> dict[str, Any]:
+    """Where a DTensor's local shard sits: the mesh's shape, the placements and this rank's coordinate."""
+    mesh = t.device_mesh
+    return {
+        "mesh": [int(n) for n in mesh.shape],
+        "placements": [str(pl) for pl in t.placements],
+        "coordinate": [int(c) for c in (mesh.get_coordinate() or [])],
+    }
+
+
+def _ranks_in(layout: dict[str, Any]) -> int:
+    """How many ranks a saved layout's mesh spans (1: its one shard is the whole gradient)."""
+    n = 1
+    for size in layout.get("mesh", []):
+        n *= int(size) if isinstance(size, int) else 0
+    return n
