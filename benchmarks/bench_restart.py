@@ -123,7 +123,8 @@ def run(args: argparse.Namespace, env: dict[str, str], root: str) -> dict[str, A
     info: dict[str, Any] = {"load_before": os.getloadavg()}
     t0 = time.monotonic()
     print("preparing the checkpoints (not timed) ...", flush=True)
-    _, prep = child(["prepare", root], env, timeout=900)
+    t_prep, prep = child(["prepare", root], env, timeout=900)
+    info["prepare_wall_s"] = time.monotonic() - t_prep
     info["prepare_s"] = prep["seconds"]
     info["state_bytes"] = sum(
         os.path.getsize(os.path.join(d, f))
@@ -260,7 +261,8 @@ def write_markdown(path: str, saved: dict[str, Any], notes: str | None) -> None:
         f"```\n{saved['command']}\n```",
         "",
         f"- Date (UTC): {saved['date']}; whole script {info['wall_s']:.0f} s "
-        f"(preparing the checkpoints, not timed: {sum(info['prepare_s'].values()):.0f} s).",
+        + (f"(preparation {info['prepare_wall_s']:.0f} s, of which " if "prepare_wall_s" in info else "(")
+        + f"writing the four checkpoints {sum(info['prepare_s'].values()):.0f} s; not timed).",
         f"- Machine: {m['cpu']}; RAM {m['ram']}; disk {m['disk']}; kernel {m['kernel']}.",
         f"- Load average (1/5/15 min): {lb[0]:.1f}/{lb[1]:.1f}/{lb[2]:.1f} before, "
         f"{la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f} after, on {os.cpu_count()} CPUs shared with other sessions: "
@@ -283,8 +285,14 @@ def write_markdown(path: str, saved: dict[str, Any], notes: str | None) -> None:
         f"- {saved['reps']} repetition(s) per stack, order rotated each repetition; seconds, medians per phase; "
         "total = spawn to first optimizer step done.",
         "- Same next batch: the first batch after the restore holds exactly the indices of the uninterrupted "
-        "run's next batch, on every run. Same state after the first step across all stacks and runs: "
-        + ("**yes**" if info["same_state"] else "**no**")
+        "run's next batch: "
+        + (
+            "yes, on every run"
+            if all(r["same_batch"] for r in saved["runs"])
+            else "**not on every run** (below)"
+        )
+        + ". Same state after the first step across all stacks and runs: "
+        + ("yes" if info["same_state"] else "**no**")
         + ".",
         "",
         table(s),
@@ -292,9 +300,11 @@ def write_markdown(path: str, saved: dict[str, Any], notes: str | None) -> None:
         "Phases: startup = spawn to the script's first line (interpreter, site-packages); build = model "
         "(default init), optimizer, dataset, loader, plus `Accelerator`/`Trainer` objects; restore = load into "
         "model and optimizer (Lightning: the whole of `fit` up to the end of its checkpoint restore, its setup "
-        "included); fast-forward = the data positioned (iterator created); first batch = the next batch in "
-        "hand (for resumekit and torchdata the epoch's permutation is computed here, when the first index is "
-        "pulled); first step = forward, backward, `AdamW.step`. Stack's part = import stack + build + restore "
+        "included); fast-forward = the data positioned, as far as the stack does it before the first batch is "
+        "pulled (iterator created; torchdata's stateful sampler redraws the permutation and replays the skipped "
+        "indices here); first batch = the next batch in hand (resumekit computes the epoch's permutation here, "
+        "when the first index is pulled; Accelerate's `SkipBatchSampler` iterates and discards the skipped "
+        "index lists here); first step = forward, backward, `AdamW.step`. Stack's part = import stack + build + restore "
         "+ fast-forward + first batch: the time the choice of stack decides (interpreter start, `import torch` "
         "and the training step are the same work for all four). CPU s = the child's CPU time, all threads, "
         "from its start to its first step (`time.process_time()`): the work done, much less sensitive than "
@@ -340,7 +350,9 @@ def write_chart(path: str, saved: dict[str, Any]) -> None:
     for i, n in enumerate(names):
         ax.text(left[i] + 0.1, i, f"{s[n]['total'][0]:.1f} s ({s[n]['ratio']:.2f}x)", va="center", fontsize=9)
     ax.set_xlim(0, max(left) * 1.2)
-    ax.set_xlabel("seconds from process spawn to the first optimizer step (median per phase)")
+    ax.set_xlabel(
+        "seconds from process spawn to the first optimizer step (bars: median of each phase; label: median total)"
+    )
     cache = "cold page cache" if saved["info"]["dropped"] else "warm page cache"
     ax.set_title(
         f"Restart to first step, ~{saved['info']['state_bytes'] / 2**30:.1f} GiB state, resumed mid-epoch, "
