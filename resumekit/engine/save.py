@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
 
-import crc32c
 import torch
 
 from resumekit.engine.collectives import World, describe
@@ -20,13 +19,13 @@ from resumekit.engine.partial import module_state
 from resumekit.errors import StepExistsError, StorageError
 from resumekit.format.codec import TensorTable, encode_entry
 from resumekit.format.manifest import SCOPE_REPLICATED, SCOPE_SHARDED, FileRecord, Manifest, entry_files
-from resumekit.format.tensorfile import write_tensors
+from resumekit.format.tensorfile import write_bytes, write_tensors
 from resumekit.sharding.shards import LocalShards, agree, capture, write_jobs
 from resumekit.staging.buffers import OverlapStager
 from resumekit.storage.base import Stage, Storage, files_at_once
 from resumekit.storage.verify import crc_hex
 
-__all__ = ["Snapshot", "take_snapshot", "write"]
+__all__ = ["FileWrite", "Snapshot", "WritePlan", "plan_writes", "take_snapshot", "write"]
 
 
 @dataclass
@@ -174,49 +173,87 @@ def write(
     return nbytes
 
 
+Fill = Callable[[IO[bytes]], "tuple[int, int]"]
+
+
+@dataclass(frozen=True)
+class FileWrite:
+    """One file a rank writes for a save.
+
+    Attributes:
+        relpath: its path inside the step (with the writer's folder on object stores).
+        nbytes: how many bytes it will hold (schedules big files first; small ones share a thread).
+        entry: the state entry it belongs to.
+        fill: writes the file's bytes to an open file and returns ``(size, crc32c)``.
+    """
+
+    relpath: str
+    nbytes: int
+    entry: str
+    fill: Fill = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """Every file one rank writes for a save, and how many at once; built without I/O."""
+
+    files: tuple[FileWrite, ...]
+    workers: int
+
+
+def plan_writes(snap: Snapshot, rank: int, data_prefix: str, parallel_files: int) -> WritePlan:
+    """The files rank ``rank`` writes for ``snap``: each entry's skeleton and tensor file (replicated
+    entries on rank 0, per-rank ones in the rank's folder), and its own shards of sharded entries.
+
+    Pure: no storage, no change to any object; the fills only run when the plan is executed.
+    """
+    files: list[FileWrite] = []
+    for it, skeleton, tensors in snap.encoded:
+        json_name, st_name = entry_files(it.name, it.scope, rank, bool(tensors))
+        files.append(
+            FileWrite(
+                data_prefix + json_name, len(skeleton), it.name, functools.partial(write_bytes, skeleton)
+            )
+        )
+        if st_name is not None:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            source = functools.partial(snap.stager.source, it.name) if snap.stager is not None else None
+            tensor_fill = functools.partial(write_tensors, tensors=tensors, source=source)
+            files.append(FileWrite(data_prefix + st_name, nbytes, it.name, tensor_fill))
+    for entry, n, rel, shard_fill in write_jobs(snap.sharded, rank):
+        files.append(FileWrite(data_prefix + rel, n, entry, shard_fill))
+    big = sum(1 for f in files if f.nbytes >= _PARALLEL_MIN_BYTES)
+    workers = max(1, min(parallel_files, big))  # small files never get a thread of their own
+    return WritePlan(tuple(files), workers)
+
+
 def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRecord]:
-    """Write every entry's files, up to ``stage.parallel_files`` at once; return their records.
+    """Execute this rank's :func:`plan_writes`, up to ``stage.parallel_files`` files at once; return
+    their records.
 
     Every file is finished (durable, or failed) before this returns or raises, so an abort that
     follows a failure never races a write still in progress.
     """
-    Fill = Callable[[IO[bytes]], "tuple[int, int]"]
-    jobs: list[tuple[int, str, Fill]] = []  # (bytes, path, writes the file and returns (size, crc))
-    for it, skeleton, tensors in snap.encoded:
-        json_name, st_name = entry_files(it.name, it.scope, world.rank, bool(tensors))
-        jobs.append((len(skeleton), stage.data_prefix + json_name, functools.partial(_write_bytes, skeleton)))
-        if st_name is not None:
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            source = functools.partial(snap.stager.source, it.name) if snap.stager is not None else None
-            jobs.append(
-                (
-                    nbytes,
-                    stage.data_prefix + st_name,
-                    functools.partial(write_tensors, tensors=tensors, source=source),
-                )
-            )
-    jobs.extend((n, stage.data_prefix + rel, fill) for n, rel, fill in write_jobs(snap.sharded, world.rank))
+    plan = plan_writes(snap, world.rank, stage.data_prefix, files_at_once(stage))
 
-    def run(job: tuple[int, str, Fill]) -> tuple[str, FileRecord]:
-        _, relpath, fill = job
-        with stage.open_write(relpath) as f:
-            size, crc = fill(f)
-        return relpath, FileRecord(size, crc_hex(crc))
+    def run(job: FileWrite) -> tuple[str, FileRecord]:
+        with stage.open_write(job.relpath) as f:
+            size, crc = job.fill(f)
+        return job.relpath, FileRecord(size, crc_hex(crc))
 
-    workers = min(files_at_once(stage), sum(1 for n, _, _ in jobs if n >= _PARALLEL_MIN_BYTES))
-    if workers <= 1:
-        records = dict(run(job) for job in jobs)
+    if plan.workers <= 1:
+        records = dict(run(job) for job in plan.files)
     else:
-        records = _run_parallel(run, jobs, workers)
+        records = _run_parallel(run, list(plan.files), plan.workers)
     if snap.stager is not None:
         snap.stager.raise_error()  # a copy that cannot be proven to hold the call's values: no commit
     return records
 
 
 def _run_parallel(
-    run: Callable[[Any], tuple[str, FileRecord]], jobs: list[Any], workers: int
+    run: Callable[[FileWrite], tuple[str, FileRecord]], jobs: list[FileWrite], workers: int
 ) -> dict[str, FileRecord]:
-    jobs.sort(key=lambda job: -job[0])  # big files first: small ones fill the gaps, not the tail
+    jobs.sort(key=lambda job: -job.nbytes)  # big files first: small ones fill the gaps, not the tail
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-write") as pool:
         futures = [pool.submit(run, job) for job in jobs]
         wait(futures)
@@ -225,8 +262,3 @@ def _run_parallel(
 
 #: Files smaller than this are not worth a thread of their own.
 _PARALLEL_MIN_BYTES = 8 << 20
-
-
-def _write_bytes(data: bytes, f: IO[bytes]) -> tuple[int, int]:
-    f.write(data)
-    return len(data), crc32c.crc32c(data)

@@ -134,6 +134,12 @@ def _layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -
     return struct.pack("<Q", len(raw)) + raw, order
 
 
+def write_bytes(data: bytes, fileobj: IO[bytes]) -> tuple[int, int]:
+    """Write ``data`` to ``fileobj``; return ``(size, crc32c)``, as :func:`write_tensors` does."""
+    fileobj.write(data)
+    return len(data), crc32c.crc32c(data)
+
+
 def write_tensors(
     fileobj: IO[bytes],
     tensors: dict[str, torch.Tensor],

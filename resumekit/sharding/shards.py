@@ -23,7 +23,7 @@ from resumekit.engine.collectives import World
 from resumekit.engine.entries import Item
 from resumekit.errors import UnsupportedValueError
 from resumekit.format.codec import TensorTable, encode
-from resumekit.format.tensorfile import DTYPE_TO_ST, _host_bytes, _layout, write_tensors
+from resumekit.format.tensorfile import DTYPE_TO_ST, _host_bytes, _layout, write_bytes, write_tensors
 from resumekit.sharding.metadata import (
     ChunkRecord,
     ShardingMeta,
@@ -40,8 +40,8 @@ from resumekit.storage.verify import crc_hex
 
 __all__ = ["LocalShards", "agree", "capture", "flat_state", "holds_dtensors", "owning_module", "write_jobs"]
 
-#: ``(bytes, path relative to the data prefix, writes the file and returns (size, crc32c))``.
-Job = tuple[int, str, Callable[[IO[bytes]], "tuple[int, int]"]]
+#: One file to write: (entry, bytes, path inside the step, writes it and returns (size, crc32c)).
+Job = tuple[str, int, str, Callable[[IO[bytes]], "tuple[int, int]"]]
 
 
 def dtensor_type() -> Any:
@@ -277,13 +277,15 @@ def write_jobs(shards: list[LocalShards], rank: int) -> list[Job]:
     for s in shards:
         if s.own:
             nbytes = sum(t.numel() * t.element_size() for t in s.own.values())
-            jobs.append((nbytes, shard_file(s.name, rank), functools.partial(write_tensors, tensors=s.own)))
+            jobs.append(
+                (s.name, nbytes, shard_file(s.name, rank), functools.partial(write_tensors, tensors=s.own))
+            )
             # Computed from the tensors, not from the file being written: the two jobs are independent.
             index = functools.partial(_write_index, s.own)
-            jobs.append((nbytes, index_file(shard_file(s.name, rank)), index))
+            jobs.append((s.name, nbytes, index_file(shard_file(s.name, rank)), index))
         if rank == 0 and s.meta is not None:
             raw = s.meta.to_json()
-            jobs.append((len(raw), meta_file(s.name), functools.partial(_write_bytes, raw)))
+            jobs.append((s.name, len(raw), meta_file(s.name), functools.partial(write_bytes, raw)))
     return jobs
 
 
@@ -306,12 +308,7 @@ def chunk_index(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def _write_index(tensors: dict[str, torch.Tensor], f: IO[bytes]) -> tuple[int, int]:
-    return _write_bytes(chunk_index(tensors), f)
-
-
-def _write_bytes(data: bytes, f: IO[bytes]) -> tuple[int, int]:
-    f.write(data)
-    return len(data), crc32c.crc32c(data)
+    return write_bytes(chunk_index(tensors), f)
 
 
 def describe_mesh(meta: ShardingMeta) -> str:
