@@ -10,6 +10,7 @@ __all__ = [
     "CORRUPTED_AFTER_WRITE",
     "crc_mismatch",
     "missing_file",
+    "not_listed",
     "not_committed",
     "step_mismatch",
     "verify_hint",
@@ -23,6 +24,11 @@ CORRUPTED_AFTER_WRITE = "the file was corrupted after it was written (disk, tran
 def missing_file(where: str) -> str:
     """A file the manifest lists is not on storage."""
     return f"{where} is missing; the manifest lists it"
+
+
+def not_listed(where: str, relpath: str) -> str:
+    """A file a step needs is not in its manifest (a forged or damaged manifest)."""
+    return f"{where}: manifest does not list '{relpath}'"
 
 
 def wrong_size(where: str, actual: int, expected: int) -> str:

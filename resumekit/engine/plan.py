@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from resumekit._messages import not_listed
 from resumekit.drift import DriftReport
 from resumekit.engine.entries import Item
 from resumekit.engine.live import LiveEntry, same_structure
@@ -218,7 +219,7 @@ def _files_of(m: Manifest, name: str, rank: int) -> tuple[FileRef, FileRef | Non
         return None
     json_name, st_name = (m.data_prefix + f if f else "" for f in entry_files(name, entry.scope, owner, True))
     if json_name not in m.files:
-        raise CheckpointCorruptError(f"checkpoint step {m.step}: manifest does not list '{json_name}'")
+        raise CheckpointCorruptError(not_listed(f"checkpoint step {m.step}", json_name))
     tensors = FileRef(st_name, m.files[st_name]) if st_name in m.files else None
     return FileRef(json_name, m.files[json_name]), tensors
 
@@ -227,7 +228,7 @@ def _sharded_read(m: Manifest, name: str, purpose: str) -> EntryRead:
     """A sharded entry's read: its metadata before the load plan, the shards it lists after."""
     meta = m.data_prefix + meta_file(name)
     if meta not in m.files:
-        raise CheckpointCorruptError(f"checkpoint step {m.step}: manifest does not list '{meta}'")
+        raise CheckpointCorruptError(not_listed(f"checkpoint step {m.step}", meta))
     names = [
         m.data_prefix + rel
         for r in m.entries[name].ranks

@@ -18,6 +18,7 @@ from typing import Any
 import crc32c
 import torch
 
+from resumekit._messages import CORRUPTED_AFTER_WRITE, not_listed
 from resumekit.engine.entries import Item
 from resumekit.errors import CheckpointCorruptError, StateMismatchError
 from resumekit.format.codec import decode
@@ -27,7 +28,7 @@ from resumekit.format.tensorfile import ST_TO_DTYPE, tensors_from_buffer
 from resumekit.sharding.metadata import ShardingMeta, TensorRecord, index_file
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
 from resumekit.storage.base import Buffer, PositionalReads, Storage, positional
-from resumekit.storage.verify import crc_hex
+from resumekit.storage.verify import crc_hex, verify_file
 
 __all__ = ["ShardFiles", "ShardedValue", "check_sharded", "read_meta", "read_sharded"]
 
@@ -177,7 +178,7 @@ class ShardFiles:
         if actual != crc:
             raise CheckpointCorruptError(
                 f"{self.where}/{rel}: bytes [{begin}, {end}) have crc32c {actual}, the chunk index says {crc}; "
-                "the file was corrupted after it was written (disk, transfer or a manual edit)."
+                + CORRUPTED_AFTER_WRITE
             )
         return buf
 
@@ -186,14 +187,9 @@ def verified(storage: Storage, step: int, m: Manifest, relpath: str, where: str)
     """A whole file's bytes, checked against the manifest's size and crc32c."""
     rec = m.files.get(relpath)
     if rec is None:
-        raise CheckpointCorruptError(f"{where}: manifest does not list '{relpath}'")
+        raise CheckpointCorruptError(not_listed(where, relpath))
     buf = storage.read_file(step, relpath, rec.size)
-    actual = crc_hex(crc32c.crc32c(buf))
-    if actual != rec.crc32c:
-        raise CheckpointCorruptError(
-            f"{where}/{relpath}: crc32c {actual} does not match the manifest's {rec.crc32c}; "
-            "the file was corrupted after it was written (disk, transfer or a manual edit)."
-        )
+    verify_file(f"{where}/{relpath}", rec, len(buf), crc32c.crc32c(buf))
     return buf
 
 
