@@ -39,6 +39,7 @@ from resumekit.format.manifest import (
     Manifest,
     current_format,
 )
+from resumekit.sharding.mesh import MESH_KEY, entry_meshes
 from resumekit.staging.background import AsyncSaves
 from resumekit.storage import open_storage
 from resumekit.storage import retention as _retention
@@ -302,7 +303,7 @@ class Checkpointer:
                 snap.step,
                 snap.items,
                 snap.world,
-                lambda m: self._drift(m, snap.world),
+                lambda m: self._drift(m, snap.world, snap.items),
             )
         if snap.world.rank == 0:
             self._retain()
@@ -326,13 +327,17 @@ class Checkpointer:
             )
             for it in items
         }
+        environment = collect_environment(world_size=world.size, amp_dtype=self.amp_dtype)
+        meshes = entry_meshes(items)
+        if meshes:  # only sharded checkpoints record a mesh: others keep the manifest they always had
+            environment[MESH_KEY] = meshes
         return Manifest(
             step=step,
             writer_id=writer,
             world_size=world.size,
             entries=entries,
             files=files,
-            environment=collect_environment(world_size=world.size, amp_dtype=self.amp_dtype),
+            environment=environment,
             config=self.config,
             created_unix=time.time(),
             resumekit_version=resumekit_version(),
@@ -439,7 +444,7 @@ class Checkpointer:
             entries,
             options,
             world,
-            lambda m: self._drift(m, world),
+            lambda m: self._drift(m, world, [e.item for e in entries]),
             exact=step is not None,
         )
         if found is None:
@@ -483,11 +488,15 @@ class Checkpointer:
             f"record for rank {world.rank}; that entry keeps its current state on this rank."
         )
 
-    def _drift(self, m: Manifest, world: World) -> DriftReport:
+    def _drift(self, m: Manifest, world: World, items: Iterable[Item]) -> DriftReport:
+        current = collect_environment(world_size=world.size, amp_dtype=self.amp_dtype)
+        # Always set: a sharded checkpoint restored into plain objects reports its mesh as gone. A
+        # checkpoint without the key (unsharded, or older) is not compared.
+        current[MESH_KEY] = entry_meshes(items)
         return compare(
             m.environment,
             m.config,
-            collect_environment(world_size=world.size, amp_dtype=self.amp_dtype),
+            current,
             self.config,
             self.drift_policy,
             saved_format=m.format_version,

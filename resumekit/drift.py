@@ -11,6 +11,7 @@ Drift keys:
 * ``env.python``, ``env.torch``, ``env.cuda``, ``env.cudnn``, ``env.numpy``, ``env.resumekit``:
   versions, compared with ``packaging.version``.
 * ``env.platform``, ``env.device`` (device type, count and names together), ``env.world_size``,
+  ``env.mesh`` (the device mesh of each sharded entry; recorded only by sharded checkpoints),
   ``env.amp_dtype``.
 * ``config.<name>``: one key per leaf of the user's config; nested mappings are joined with dots
   (``{"optim": {"lr": 1e-3}}`` is ``config.optim.lr``).
@@ -36,6 +37,8 @@ from resumekit.engine.drift_rules import (
     _device_summary,
     _env_message,
     _flatten,
+    _mesh_changed,
+    _mesh_message,
     _normalise,
     _same,
     _version_level,
@@ -69,6 +72,7 @@ POLICY_ENV_KEYS: tuple[str, ...] = (
     "platform",
     "device",
     "world_size",
+    "mesh",
     "amp_dtype",
 )
 _VERSION_ENV_KEYS = ("python", "torch", "cuda", "cudnn", "numpy", "resumekit")
@@ -134,7 +138,7 @@ class DriftPolicy:
        resumekit still reads.
     3. The built-in default: ``"error"`` for ``format`` (a checkpoint written in a newer format).
     4. ``default`` for everything else: minor and major version changes, platform, device, world size,
-       AMP dtype, batch size, gradient accumulation and every other config key.
+       device mesh, AMP dtype, batch size, gradient accumulation and every other config key.
 
     Example:
         ``DriftPolicy({"env.torch": "error", "config.lr": "ignore"}, default="warn")``
@@ -384,6 +388,11 @@ def compare(
         if name not in s_env or name not in c_env or _same(s_env[name], c_env[name]):
             continue
         saved, current = s_env[name], c_env[name]
+        if name == "mesh":
+            if _mesh_changed(saved, current):
+                message = _mesh_message(key, saved, current)
+                items.append(DriftItem(key, saved, current, policy.severity(key), message))
+            continue
         if name == "world_size":
             message = _batch_message(key, saved, current, s_batch, c_batch)
             items.append(DriftItem(key, saved, current, policy.severity(key), message))

@@ -99,6 +99,7 @@ class FileCheck:
     crc32c: int
     head: bytes
     content: bytes | None  # the whole file, kept only for JSON files
+    span_crcs: list[int] | None = None  # crc32c of each requested byte span, in the order given
 
 
 class Root:
@@ -225,15 +226,25 @@ class Root:
         n = header_length(self.read_range(step, relpath, 0, 8), size, where)
         return parse_head(self.read_range(step, relpath, 0, 8 + n), size, where)
 
-    def check_file(self, step: int, relpath: str, keep_content: bool) -> FileCheck:
-        """Stream a file once: its size, crc32c, the bytes a safetensors header needs, and (for
-        ``keep_content``) the whole content. Memory stays at one chunk for tensor files."""
+    def check_file(
+        self, step: int, relpath: str, keep_content: bool, spans: list[tuple[int, int]] | None = None
+    ) -> FileCheck:
+        """Stream a file once: its size, crc32c, the bytes a safetensors header needs, (for
+        ``keep_content``) the whole content, and the crc32c of each of ``spans`` (``[begin, end)``
+        byte ranges, e.g. a shard's chunks). Memory stays at one chunk for tensor files."""
         crc = total = 0
         head = bytearray()
         want = 8
         parts: list[bytes] = []
+        span_crcs = [0] * len(spans) if spans is not None else None
         with self._open(step, relpath) as f:
             while chunk := f.read(_CHUNK):
+                if spans is not None and span_crcs is not None:
+                    end = total + len(chunk)
+                    for i, (b, e) in enumerate(spans):
+                        lo, hi = max(b, total), min(e, end)
+                        if lo < hi:
+                            span_crcs[i] = crc32c.crc32c(chunk[lo - total : hi - total], span_crcs[i])
                 crc = crc32c.crc32c(chunk, crc)
                 total += len(chunk)
                 pos = 0
@@ -246,7 +257,7 @@ class Root:
                         want = 8 + min(int(n), MAX_HEADER_BYTES)
                 if keep_content:
                     parts.append(chunk)
-        return FileCheck(total, crc, bytes(head), b"".join(parts) if keep_content else None)
+        return FileCheck(total, crc, bytes(head), b"".join(parts) if keep_content else None, span_crcs)
 
     def read_verified(self, step: int, relpath: str, rec: FileRecord) -> Any:
         """A whole file, checked against the manifest's size and crc32c.

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from resumekit.cli.access import CliError, Root
+from resumekit.cli.shards import cross_check, entry_sharding, index_spans, shard_files, step_mesh
 from resumekit.drift import DriftPolicy, compare
 from resumekit.engine.environment import collect_environment
 from resumekit.errors import ResumeKitError, UnsupportedFormatError
@@ -25,8 +27,9 @@ from resumekit.format.manifest import (
     entry_files,
 )
 from resumekit.format.strict_json import parse_strict
-from resumekit.format.tensorfile import parse_head
-from resumekit.sharding.metadata import index_file, meta_file, shard_file
+from resumekit.format.tensorfile import TensorSpec, parse_head
+from resumekit.sharding.metadata import ShardingMeta, index_file, meta_file, shard_file
+from resumekit.sharding.reshard import read_meta
 from resumekit.storage.verify import file_problem
 
 __all__ = ["drift", "entry_file_names", "inspect", "ls", "natural_key", "verify"]
@@ -70,6 +73,8 @@ _LS_KEYS = (
     "world_size",
     "format_version",
     "entries",
+    "mesh",
+    "shards",
 )
 
 
@@ -90,6 +95,8 @@ def ls(root: Root, step: int | None) -> dict[str, Any]:
             "world_size": None,
             "format_version": None,
             "entries": None,
+            "mesh": None,
+            "shards": None,
         }
         try:
             m = root.manifest(s) if root.raw_manifest(s) is not None else None
@@ -107,6 +114,8 @@ def ls(root: Root, step: int | None) -> dict[str, Any]:
                     world_size=m.world_size,
                     format_version=m.format_version,
                     entries=sorted(m.entries),
+                    mesh=step_mesh(m),
+                    shards=len(shard_files(m)) if m.format_version >= 2 else None,
                 )
         rows.append(row)
     for s, folder in root.unfinished():
@@ -151,7 +160,7 @@ def inspect(root: Root, step: int | None) -> dict[str, Any]:
     """The manifest of one step, its entries with their files and tensors, environment and config."""
     s = root.resolve(step)
     m = root.manifest(s)
-    entries = []
+    entries: list[dict[str, Any]] = []
     owned: set[str] = set()
     for name in sorted(m.entries):
         e = m.entries[name]
@@ -170,7 +179,14 @@ def inspect(root: Root, step: int | None) -> dict[str, Any]:
                 f["tensors"], f["error"] = _tensors(root, s, rel, rec.size)
             files.append(f)
         entries.append(
-            {"name": name, "scope": e.scope, "kind": e.kind, "ranks": list(e.ranks), "files": files}
+            {
+                "name": name,
+                "scope": e.scope,
+                "kind": e.kind,
+                "ranks": list(e.ranks),
+                "files": files,
+                "sharding": entry_sharding(root, s, m, name),
+            }
         )
     return {
         "url": root.url,
@@ -180,6 +196,13 @@ def inspect(root: Root, step: int | None) -> dict[str, Any]:
         "resumekit_version": m.resumekit_version,
         "writer_id": m.writer_id,
         "world_size": m.world_size,
+        # Checkpoints written before meshes were recorded: each entry's metadata still says.
+        "mesh": step_mesh(m)
+        or (
+            {e["name"]: e["sharding"]["mesh"] for e in entries if e["sharding"] and e["sharding"]["mesh"]}
+            or None
+        ),
+        "shards": len(shard_files(m)),
         "created_unix": m.created_unix or None,
         "data_prefix": m.data_prefix,
         "files": len(m.files),
@@ -202,25 +225,53 @@ def _problem(root: Root, step: int, rel: str, kind: str, message: str) -> dict[s
     return {"file": rel, "url": root.where(step, rel), "kind": kind, "message": message}
 
 
-def _check(root: Root, s: int, rel: str, rec: FileRecord) -> tuple[tuple[str, str] | None, int]:
+@dataclass
+class _Sharded:
+    """What verify learned of a step's sharded files, for the cross-check after every file's checksum."""
+
+    metas: dict[str, ShardingMeta] = field(default_factory=dict)
+    indexes: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    heads: dict[str, dict[str, TensorSpec]] = field(default_factory=dict)
+    span_crcs: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _check(
+    root: Root, s: int, m: Manifest, rel: str, rec: FileRecord, sharded: _Sharded
+) -> tuple[tuple[str, str] | None, int]:
     """(kind, message) of what is wrong with one file (None: nothing) and the bytes read: present,
-    its size (before reading it), its crc32c, then a JSON file's syntax or a tensor file's header."""
+    its size (before reading it), its crc32c, then a JSON file's syntax or a tensor file's header.
+    A sharded entry's metadata, chunk indexes and shard headers are kept in ``sharded``, and a shard
+    file's chunks are checksummed as its index lists them (in the same pass)."""
     where = root.where(s, rel)
+    index = sharded.indexes.get(m.data_prefix + index_file(rel.removeprefix(m.data_prefix)))
+    spans = (
+        [(v[0], v[1]) for v in index.values()]
+        if index is not None and rel.endswith(".shard.safetensors")
+        else None
+    )
     try:
         problem = file_problem(where, rec, root.actual_size(s, rel))
         if problem is not None:
             return (problem.kind, problem.message), 0
-        check = root.check_file(s, rel, keep_content=not is_tensor_file(rel))
+        check = root.check_file(s, rel, keep_content=not is_tensor_file(rel), spans=spans)
     except (ResumeKitError, OSError) as exc:
         return ("read", f"{where}: {exc}"), 0
     problem = file_problem(where, rec, check.size, check.crc32c)
     if problem is not None:
         return (problem.kind, problem.message), check.size
     try:
-        if check.content is not None:
+        if check.content is not None and rel.endswith(".sharding.json"):
+            entry = rel.removeprefix(m.data_prefix).removesuffix(".sharding.json")
+            sharded.metas[entry] = read_meta(check.content, where, m)
+        elif check.content is not None and rel.endswith(".chunks.json"):
+            sharded.indexes[rel] = index_spans(check.content, where)
+        elif check.content is not None:
             parse_strict(check.content, where, "skeleton")  # as strict as restore()
         else:
-            parse_head(check.head, check.size, where)
+            head = parse_head(check.head, check.size, where)
+            if spans is not None and check.span_crcs is not None:
+                sharded.heads[rel] = head
+                sharded.span_crcs[rel] = check.span_crcs
     except (ResumeKitError, ValueError) as exc:
         if check.content is not None:
             return ("json", str(exc)), check.size
@@ -229,7 +280,7 @@ def _check(root: Root, s: int, rel: str, rec: FileRecord) -> tuple[tuple[str, st
 
 
 def _verify_step(root: Root, s: int) -> dict[str, Any]:
-    result: dict[str, Any] = {"step": s, "ok": True, "files": 0, "bytes": 0, "problems": []}
+    result: dict[str, Any] = {"step": s, "ok": True, "files": 0, "bytes": 0, "shards": 0, "problems": []}
     problems: list[dict[str, Any]] = result["problems"]
     try:
         m = root.manifest(s)
@@ -237,12 +288,18 @@ def _verify_step(root: Root, s: int) -> dict[str, Any]:
         problems.append(_problem(root, s, MANIFEST, "manifest", str(exc)))
         result["ok"] = False
         return result
-    for rel, rec in sorted(m.files.items()):
+    sharded = _Sharded()
+    # Chunk indexes first: a shard file's chunks are then checksummed in the pass over its bytes.
+    for rel, rec in sorted(m.files.items(), key=lambda kv: (not kv[0].endswith(".chunks.json"), kv[0])):
         result["files"] += 1
-        problem, nbytes = _check(root, s, rel, rec)
+        problem, nbytes = _check(root, s, m, rel, rec, sharded)
         result["bytes"] += nbytes
         if problem is not None:
             problems.append(_problem(root, s, rel, *problem))
+    if sharded.metas:
+        result["shards"] = len(shard_files(m))
+        for rel, message in cross_check(m, sharded.metas, sharded.indexes, sharded.heads, sharded.span_crcs):
+            problems.append(_problem(root, s, rel, "chunk-index", f"{root.where(s, rel)}: {message}"))
     result["ok"] = not problems
     return result
 

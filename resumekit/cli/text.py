@@ -6,6 +6,7 @@ import datetime
 import json
 from typing import Any
 
+from resumekit.engine.drift_rules import _mesh_summary, _one_mesh
 from resumekit.format.layout import is_tensor_file
 
 __all__ = ["render"]
@@ -91,7 +92,13 @@ def render_ls(d: dict[str, Any]) -> str:
     ]
     ok = sum(r["status"] == "ok" for r in d["steps"])
     head = f"{d['url']}: {ok} committed, {len(d['steps']) - ok} other"
-    return head + "\n" + table(["STEP", "FILES", "SIZE", "AGE", "WORLD", "ENTRIES", "STATUS"], rows)
+    headers = ["STEP", "FILES", "SIZE", "AGE", "WORLD", "ENTRIES", "STATUS"]
+    if any(r.get("shards") for r in d["steps"]):  # sharded steps: their mesh and shard files too
+        headers[5:5] = ["MESH", "SHARDS"]
+        for row, r in zip(rows, d["steps"]):
+            mesh = _mesh_summary(r["mesh"]) if r.get("mesh") else None
+            row[5:5] = [mesh, r.get("shards") or None]
+    return head + "\n" + table(headers, rows)
 
 
 def render_inspect(d: dict[str, Any]) -> str:
@@ -104,6 +111,14 @@ def render_inspect(d: dict[str, Any]) -> str:
                 ["format", f"{d['format_version']} (written by resumekit {d['resumekit_version'] or '?'})"],
                 ["writer", d["writer_id"]],
                 ["world size", d["world_size"]],
+                *(
+                    [
+                        ["mesh", _mesh_summary(d["mesh"]) if d.get("mesh") else "-"],
+                        ["shard files", d["shards"]],
+                    ]
+                    if d.get("shards")
+                    else []
+                ),
                 ["created", _when(d["created_unix"])],
                 ["files", f"{d['files']} ({human_bytes(d['bytes'])})"],
             ],
@@ -123,6 +138,15 @@ def render_inspect(d: dict[str, Any]) -> str:
             ],
         ),
     ]
+    sharded = [e for e in d["entries"] if e.get("sharding")]
+    if sharded:
+        out += [
+            "",
+            table(
+                ["SHARDED ENTRY", "SAVED AT WORLD", "MESH", "SHARDS", "TENSORS"],
+                [_sharding_row(e) for e in sharded],
+            ),
+        ]
     for e in d["entries"]:
         for f in e["files"]:
             if not is_tensor_file(f["path"]):
@@ -147,6 +171,13 @@ def render_inspect(d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _sharding_row(e: dict[str, Any]) -> list[Any]:
+    sh = e["sharding"]
+    if sh["error"]:
+        return [e["name"], "-", f"metadata unreadable: {sh['error']}", sh["shards"], "-"]
+    return [e["name"], sh["world_size"], _one_mesh(sh["mesh"]), sh["shards"], sh["tensors"]]
+
+
 def _shape(shape: list[int] | None) -> str:
     return "-" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
 
@@ -156,7 +187,8 @@ def render_verify(d: dict[str, Any]) -> str:
     out = []
     for s in d["steps"]:
         if s["ok"]:
-            out.append(f"step {s['step']}: ok ({s['files']} files, {human_bytes(s['bytes'])})")
+            shards = f", {s['shards']} shard files checked chunk by chunk" if s.get("shards") else ""
+            out.append(f"step {s['step']}: ok ({s['files']} files, {human_bytes(s['bytes'])}{shards})")
             continue
         out.append(
             f"step {s['step']}: FAILED ({len(s['problems'])} problem(s), {s['files']} file(s) checked)"

@@ -215,3 +215,49 @@ def _config_message(key: str, saved: Any, current: Any) -> str:
     else:
         head = f"{key} changed: {saved!r} at save, {current!r} now."
     return f"{head} Check that this is intended, or {_tail(key)}."
+
+
+# ----------------------------------------------------------------------------------------------- mesh
+
+
+def _one_mesh(mesh: Any) -> str:
+    """``{"shape": [2, 2], "dim_names": ["dp", "tp"]}`` -> ``"dp=2 x tp=2"``; ``[2]`` -> ``"2"``."""
+    if not isinstance(mesh, Mapping):
+        return repr(mesh)
+    raw_shape, raw_names = mesh.get("shape"), mesh.get("dim_names")
+    shape: list[Any] = raw_shape if isinstance(raw_shape, list) else []
+    names: list[Any] = raw_names if isinstance(raw_names, list) else []
+    if names and len(names) == len(shape):
+        return " x ".join(f"{n}={s}" for n, s in zip(names, shape))
+    return "x".join(str(s) for s in shape) or "?"
+
+
+def _mesh_summary(meshes: Any) -> str:
+    """Every sharded entry's mesh in a few words: one mesh when all entries share it, else each
+    entry's; ``"none (unsharded)"`` when there is no sharded entry."""
+    if not isinstance(meshes, Mapping) or not meshes:
+        return "none (unsharded)"
+    texts = {name: _one_mesh(m) for name, m in meshes.items()}
+    if len(set(texts.values())) == 1:
+        return f"{next(iter(texts.values()))} ({', '.join(texts)})"
+    return "; ".join(f"{name}: {text}" for name, text in texts.items())
+
+
+def _mesh_changed(saved: Any, current: Any) -> bool:
+    """Whether the entries both sides shard use different meshes; with no entry in common (a restore
+    into a plain model, or renamed entries), whether the two records differ at all."""
+    if not isinstance(saved, Mapping) or not isinstance(current, Mapping):
+        return not _same(saved, current)
+    common = [k for k in saved if k in current]
+    if common:
+        return any(not _same(saved[k], current[k]) for k in common)
+    return not _same(dict(saved), dict(current))
+
+
+def _mesh_message(key: str, saved: Any, current: Any) -> str:
+    return (
+        f"{key} changed: {_mesh_summary(saved)} at save, {_mesh_summary(current)} now. Restore reshards "
+        "every sharded entry onto the current layout, so every value loads unchanged; the parallel "
+        f"layout (and with it the reduction order) differs, so {_SAME_RUN}. Resume on the saved mesh to "
+        f"reproduce it exactly, or {_tail(key)}."
+    )
