@@ -118,3 +118,21 @@ def test_verify_cross_checks_shards_against_index_and_metadata(
     problems = v["steps"][0]["problems"]
     assert problems and {p["kind"] for p in problems} == {"chunk-index"}, problems
     assert any(p["file"] == file and says in p["message"] for p in problems), problems
+
+
+def test_a_checkpoint_without_a_recorded_mesh_restores_without_mesh_drift(root: Path) -> None:
+    import warnings
+
+    import torch
+
+    import resumekit as rk
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # world size 2 -> 1 and the writer's environment
+        res = rk.Checkpointer(root, drift_policy=rk.DriftPolicy({"env.mesh": "error"})).restore(
+            {"model": model, "optimizer": opt}
+        )
+    assert res is not None and res.step == 2 and "mesh" not in res.environment
+    assert all(i.key != "env.mesh" for i in res.drift.items)

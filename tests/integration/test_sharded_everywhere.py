@@ -13,7 +13,7 @@ Two world-2 launches (gloo, CPU) and checks in this process in between, to keep 
 3. restore: S3 falls back to step 1 on both ranks; the gradients come back bit for bit and the
    finished window equals the uninterrupted one; ``only=["model"]`` resets the sharded optimizer;
    the 2-D checkpoint into FSDP2 warns naming both meshes, and ``env.mesh: error`` refuses it with
-   nothing changed.
+   nothing changed; gradients saved from an unsharded model are refused for an FSDP2 one.
 4. here: the gradient shards refused at world size 1 before anything loads, naming the fix.
 """
 
@@ -209,6 +209,20 @@ def _restore(rank: int, world: int, root: Path, s3_url: str, s3_opts: dict[str, 
     except rk.errors.DriftError as exc:
         out["mesh_error"] = str(exc)
     out["mesh_error_unchanged"] = bitwise_diff(_full_model(fresh), before) == []
+    # Gradients saved from an unsharded model do not go into a sharded one: refused on every rank
+    # (rank 1 has no record of that world-1 checkpoint; rank 0 refuses for both).
+    model = fsdp(make_model())
+    before = _full_model(model)
+    try:
+        rk.Checkpointer(root / "plain-grads").restore(
+            {"model": model, "grads": rk.AccumulatedGradients(model)}
+        )
+        out["plain_grads"] = None
+    except Exception as exc:
+        out["plain_grads"] = [type(exc).__name__, str(exc)]
+    out["plain_grads_unchanged"] = bitwise_diff(_full_model(model), before) == [] and all(
+        p.grad is None for p in model.parameters()
+    )
     write_result(root, "restore", rank, out)
 
 
@@ -274,6 +288,12 @@ def test_sharded_state_on_s3_with_retention_drift_partial_restore_and_gradients(
     assert len(problems) == 1 and problems[0][0] == 2
     assert problems[0][1].endswith("rank-00001/model.shard.safetensors")
 
+    plain = make_model()
+    _micro(plain, 1, 0)
+    rk.Checkpointer(tmp_path / "plain-grads").save(
+        {"model": plain, "grads": rk.AccumulatedGradients(plain)}, step=1
+    )
+
     launch(_restore, 2, tmp_path, url, opts, deadline=200)
     for r in read_results(tmp_path, "restore", 2):
         assert r["s3"] == {"step": 1, "skipped": [2], "diff": [], "warned": True}
@@ -286,6 +306,8 @@ def test_sharded_state_on_s3_with_retention_drift_partial_restore_and_gradients(
         assert "dp=1 x tp=2 (model) at save, 2 (model) now" in warning
         assert r["mesh_error"] is not None and "env.mesh" in r["mesh_error"]
         assert r["mesh_error_unchanged"]
+        assert r["plain_grads"] is not None and r["plain_grads"][0] == "StateMismatchError"
+        assert "from an unsharded model" in r["plain_grads"][1] and r["plain_grads_unchanged"]
 
     # The gradient shards at another world size: refused before anything loads, naming the fix.
     model = make_model()
