@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from resumekit.engine.keys import unwrap_model
-from resumekit.errors import StateMismatchError
+from resumekit.errors import StateMismatchError, UnsupportedValueError
+from resumekit.sharding.grads import unsynced_fsdp_grads
 from resumekit.sharding.shards import dtensor_type
 
 __all__ = ["AccumulatedGradients"]
@@ -42,11 +43,26 @@ class AccumulatedGradients:
     def state_dict(self) -> dict[str, Any]:
         """Each parameter's gradient (a tensor, this rank's shard of a DTensor, or None where there is
         none); for DTensor gradients also where each shard sits (mesh shape, placements, this rank's
-        coordinate), so that a restore can tell a shard that fits from one that merely has its shape."""
+        coordinate), so that a restore can tell a shard that fits from one that merely has its shape.
+
+        Raises:
+            UnsupportedValueError: FSDP2 holds gradients outside ``.grad`` (micro-batches run with
+                ``set_requires_gradient_sync(False)``), which this record cannot carry.
+        """
+        model = unwrap_model(self.model)
+        unsynced = unsynced_fsdp_grads(model)
+        if unsynced:
+            raise UnsupportedValueError(
+                f"FSDP2 modules {unsynced[:3]} hold gradients of micro-batches run with "
+                "set_requires_gradient_sync(False); FSDP2 keeps them unsharded inside its own state, not "
+                "in .grad, so a checkpoint would silently lose them. Save after a backward with gradient "
+                "sync on (FSDP2's default: each micro-batch's gradients are reduce-scattered into .grad "
+                "shards, which are saved), or at an accumulation boundary (after optimizer.step())."
+            )
         dt = dtensor_type()
         out: dict[str, Any] = {}
         layout: dict[str, Any] = {}
-        for name, p in unwrap_model(self.model).named_parameters():
+        for name, p in model.named_parameters():
             g = p.grad
             # Invariant: no DTensor reaches the per-rank codec (it refuses them); the local shard is
             # exactly what this rank accumulated, and the mesh/placements come back from the parameter.
