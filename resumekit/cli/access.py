@@ -240,11 +240,11 @@ class Root:
         with self._open(step, relpath) as f:
             while chunk := f.read(_CHUNK):
                 if spans is not None and span_crcs is not None:
-                    end = total + len(chunk)
+                    end, view = total + len(chunk), memoryview(chunk)  # slices without copies
                     for i, (b, e) in enumerate(spans):
                         lo, hi = max(b, total), min(e, end)
                         if lo < hi:
-                            span_crcs[i] = crc32c.crc32c(chunk[lo - total : hi - total], span_crcs[i])
+                            span_crcs[i] = crc32c.crc32c(view[lo - total : hi - total], span_crcs[i])
                 crc = crc32c.crc32c(chunk, crc)
                 total += len(chunk)
                 pos = 0
