@@ -43,6 +43,7 @@ from resumekit.engine.drift_rules import (
     _same,
     _version_level,
 )
+from resumekit.engine.environment import VERSION_KEYS
 from resumekit.errors import DriftError
 
 __all__ = [
@@ -62,20 +63,9 @@ Severity = Literal["error", "warn", "ignore"]
 _SEVERITIES: tuple[str, ...] = ("error", "warn", "ignore")
 
 #: The environment keys a policy may name (as ``env.<key>``), in report order.
-POLICY_ENV_KEYS: tuple[str, ...] = (
-    "python",
-    "torch",
-    "cuda",
-    "cudnn",
-    "numpy",
-    "resumekit",
-    "platform",
-    "device",
-    "world_size",
-    "mesh",
-    "amp_dtype",
-)
-_VERSION_ENV_KEYS = ("python", "torch", "cuda", "cudnn", "numpy", "resumekit")
+#: The versions first, then what they run on: ``device`` stands for the recorded device type, count
+#: and names together; ``mesh`` is recorded only for sharded state.
+POLICY_ENV_KEYS: tuple[str, ...] = (*VERSION_KEYS, "platform", "device", "world_size", "mesh", "amp_dtype")
 _FORMAT_KEY = "format"
 
 # Severities that differ from the policy's ``default``. They apply unless the user overrides the key.
@@ -397,7 +387,7 @@ def compare(
             message = _batch_message(key, saved, current, s_batch, c_batch)
             items.append(DriftItem(key, saved, current, policy.severity(key), message))
             continue
-        level = _version_level(saved, current) if name in _VERSION_ENV_KEYS else None
+        level = _version_level(saved, current) if name in VERSION_KEYS else None
         message = _env_message(key, saved, current, level)
         severity = policy.severity(key, patch_level=level in ("patch", "build"))
         items.append(DriftItem(key, saved, current, severity, message))
