@@ -17,18 +17,16 @@ from resumekit.cli.shards import cross_check, entry_sharding, index_spans, shard
 from resumekit.drift import DriftPolicy, compare
 from resumekit.engine.environment import collect_environment
 from resumekit.errors import ResumeKitError, UnsupportedFormatError
-from resumekit.format.layout import MANIFEST, is_tensor_file, step_dir
+from resumekit.format.layout import MANIFEST, file_kind, is_tensor_file, meta_entry, step_dir
 from resumekit.format.manifest import (
     FORMAT_VERSION,
-    SCOPE_SHARDED,
     FileRecord,
     Manifest,
     current_format,
-    entry_files,
 )
 from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import TensorSpec, parse_head
-from resumekit.sharding.metadata import ShardingMeta, index_file, meta_file, shard_file
+from resumekit.sharding.metadata import ShardingMeta, index_file
 from resumekit.sharding.reshard import read_meta
 from resumekit.storage.verify import file_problem
 
@@ -42,21 +40,7 @@ def natural_key(name: str) -> list[Any]:
 
 def entry_file_names(m: Manifest, name: str) -> list[str]:
     """The files of entry ``name`` that the manifest lists (skeleton, then tensors; per rank)."""
-    entry = m.entries[name]
-    out = []
-    if entry.scope == SCOPE_SHARDED:  # the sharding metadata, then each rank's shards and chunk index
-        names = [meta_file(name)] + [
-            rel
-            for rank in entry.ranks
-            for rel in (shard_file(name, rank), index_file(shard_file(name, rank)))
-        ]
-        return [m.data_prefix + rel for rel in names if m.data_prefix + rel in m.files]
-    for rank in entry.ranks:
-        json_name, st_name = entry_files(name, entry.scope, rank, True)
-        for rel in (json_name, st_name):
-            if rel is not None and m.data_prefix + rel in m.files:
-                out.append(m.data_prefix + rel)
-    return out
+    return [p for p in m.files_of(name) if p in m.files]
 
 
 # -- ls ---------------------------------------------------------------------------------------------
@@ -245,9 +229,7 @@ def _check(
     where = root.where(s, rel)
     index = sharded.indexes.get(m.data_prefix + index_file(rel.removeprefix(m.data_prefix)))
     spans = (
-        [(v[0], v[1]) for v in index.values()]
-        if index is not None and rel.endswith(".shard.safetensors")
-        else None
+        [(v[0], v[1]) for v in index.values()] if index is not None and file_kind(rel) == "shard" else None
     )
     try:
         problem = file_problem(where, rec, root.actual_size(s, rel))
@@ -260,10 +242,10 @@ def _check(
     if problem is not None:
         return (problem.kind, problem.message), check.size
     try:
-        if check.content is not None and rel.endswith(".sharding.json"):
-            entry = rel.removeprefix(m.data_prefix).removesuffix(".sharding.json")
+        if check.content is not None and file_kind(rel) == "sharding":
+            entry = meta_entry(rel.removeprefix(m.data_prefix))
             sharded.metas[entry] = read_meta(check.content, where, m)
-        elif check.content is not None and rel.endswith(".chunks.json"):
+        elif check.content is not None and file_kind(rel) == "chunks":
             sharded.indexes[rel] = index_spans(check.content, where)
         elif check.content is not None:
             parse_strict(check.content, where, "skeleton")  # as strict as restore()
@@ -290,7 +272,7 @@ def _verify_step(root: Root, s: int) -> dict[str, Any]:
         return result
     sharded = _Sharded()
     # Chunk indexes first: a shard file's chunks are then checksummed in the pass over its bytes.
-    for rel, rec in sorted(m.files.items(), key=lambda kv: (not kv[0].endswith(".chunks.json"), kv[0])):
+    for rel, rec in sorted(m.files.items(), key=lambda kv: (file_kind(kv[0]) != "chunks", kv[0])):
         result["files"] += 1
         problem, nbytes = _check(root, s, m, rel, rec, sharded)
         result["bytes"] += nbytes

@@ -43,7 +43,7 @@ from resumekit.errors import CheckpointCorruptError, StateMismatchError
 from resumekit.format.codec import decode
 from resumekit.format.manifest import SCOPE_RANK, SCOPE_SHARDED, FileRecord, Manifest, entry_files
 from resumekit.format.tensorfile import TensorSpec, matches_exactly
-from resumekit.sharding.metadata import ShardingMeta, index_file, meta_file, shard_file
+from resumekit.sharding.metadata import ShardingMeta
 from resumekit.sharding.reshard import check_sharded
 
 __all__ = [
@@ -226,14 +226,9 @@ def _files_of(m: Manifest, name: str, rank: int) -> tuple[FileRef, FileRef | Non
 
 def _sharded_read(m: Manifest, name: str, purpose: str) -> EntryRead:
     """A sharded entry's read: its metadata before the load plan, the shards it lists after."""
-    meta = m.data_prefix + meta_file(name)
+    meta, *names = m.files_of(name)
     if meta not in m.files:
         raise CheckpointCorruptError(not_listed(f"checkpoint step {m.step}", meta))
-    names = [
-        m.data_prefix + rel
-        for r in m.entries[name].ranks
-        for rel in (shard_file(name, r), index_file(shard_file(name, r)))
-    ]
     # No shard file at all is legitimate: an optimizer that has not stepped yet has no tensors. A
     # missing file is still caught: the metadata names every chunk's file and must find each listed.
     shards = tuple(FileRef(n, m.files[n]) for n in names if n in m.files)

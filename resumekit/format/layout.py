@@ -9,18 +9,26 @@
 <root>/.tmp-step-000000001200-<writer id>/      local disk: a save not yet committed
 ```
 
-Sharded entries add their own names (``resumekit.sharding.metadata``), built from these.
-Pure: no I/O.
+A sharded entry (format 2) has ``<entry>.sharding.json`` (its metadata) and, per rank,
+``rank-00003/<entry>.shard.safetensors`` (that rank's chunks) beside ``rank-00003/<entry>.chunks.json``
+(their byte ranges and checksums). Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 __all__ = [
     "MANIFEST",
     "TMP_PREFIX",
     "entry_files",
+    "file_kind",
+    "meta_entry",
+    "index_file",
+    "meta_file",
+    "shard_file",
+    "sharded_entry_files",
     "is_plain_file_path",
     "is_tensor_file",
     "parse_step_dir",
@@ -39,6 +47,9 @@ MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 SKELETON_SUFFIX = ".json"
 TENSOR_SUFFIX = ".safetensors"
+_SHARD_SUFFIX = ".shard" + TENSOR_SUFFIX
+_META_SUFFIX = ".sharding" + SKELETON_SUFFIX
+_INDEX_SUFFIX = ".chunks" + SKELETON_SUFFIX
 
 _STEP_RE = re.compile(r"^step-([0-9]{12,20})$")
 _WRITER_PREFIX_RE = re.compile(r"^w-[0-9a-f]{16}/$")
@@ -90,6 +101,48 @@ def entry_files(name: str, per_rank: bool, rank: int, has_tensors: bool) -> tupl
     """The skeleton and tensor file names of one entry (``per_rank``: inside its rank's folder)."""
     prefix = rank_prefix(rank) if per_rank else ""
     return f"{prefix}{name}{SKELETON_SUFFIX}", (f"{prefix}{name}{TENSOR_SUFFIX}" if has_tensors else None)
+
+
+def meta_file(entry: str) -> str:
+    """The sharding metadata file of a sharded ``entry``."""
+    return f"{entry}{_META_SUFFIX}"
+
+
+def shard_file(entry: str, rank: int) -> str:
+    """The safetensors file holding ``rank``'s chunks of a sharded ``entry``."""
+    return f"{rank_prefix(rank)}{entry}{_SHARD_SUFFIX}"
+
+
+def index_file(shard: str) -> str:
+    """The chunk index beside a shard file: byte range and crc32c of its header and of every chunk,
+    so a rank reading part of another rank's file verifies exactly the bytes it uses."""
+    return shard.removesuffix(_SHARD_SUFFIX) + _INDEX_SUFFIX
+
+
+def sharded_entry_files(entry: str, ranks: Iterable[int]) -> list[str]:
+    """Every file of a sharded entry: its metadata, then each rank's shard file and chunk index."""
+    return [meta_file(entry)] + [
+        f for r in ranks for f in (shard_file(entry, r), index_file(shard_file(entry, r)))
+    ]
+
+
+def file_kind(relpath: str) -> str:
+    """What a step's file is, from its name: ``"sharding"`` (a sharded entry's metadata), ``"chunks"``
+    (a chunk index), ``"shard"`` (a rank's chunks), ``"tensors"``, ``"skeleton"`` or ``"other"``."""
+    if relpath.endswith(_META_SUFFIX):
+        return "sharding"
+    if relpath.endswith(_INDEX_SUFFIX):
+        return "chunks"
+    if relpath.endswith(_SHARD_SUFFIX):
+        return "shard"
+    if relpath.endswith(TENSOR_SUFFIX):
+        return "tensors"
+    return "skeleton" if relpath.endswith(SKELETON_SUFFIX) else "other"
+
+
+def meta_entry(relpath: str) -> str:
+    """The entry whose sharding metadata file ``relpath`` (without the writer's folder) is."""
+    return relpath.removesuffix(_META_SUFFIX)
 
 
 def is_tensor_file(relpath: str) -> bool:

@@ -131,6 +131,17 @@ class Manifest:
     checksum: str = "crc32c"
     data_prefix: str = ""  # object stores: a folder private to the writer ("w-<writer_id>/")
 
+    def files_of(self, name: str) -> list[str]:
+        """Every file entry ``name`` may have in this step, with the writer's folder, in order: a
+        sharded entry's metadata then each rank's shard and chunk index; otherwise each rank's
+        skeleton then tensors. Which of them the manifest lists is the caller's question."""
+        e = self.entries[name]
+        if e.scope == SCOPE_SHARDED:
+            rels = _layout.sharded_entry_files(name, e.ranks)
+        else:
+            rels = [f for r in e.ranks for f in entry_files(name, e.scope, r, True) if f is not None]
+        return [self.data_prefix + rel for rel in rels]
+
     def to_json(self) -> bytes:
         """Serialise; keys sorted so that identical manifests are identical bytes.
 

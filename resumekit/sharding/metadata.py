@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resumekit.errors import CheckpointCorruptError, UnsupportedValueError
-from resumekit.format.layout import rank_prefix
+from resumekit.format.layout import index_file, meta_file, shard_file
 from resumekit.format.strict_json import expect_dict as _dict
 from resumekit.format.strict_json import expect_list as _list
 from resumekit.format.strict_json import expect_str as _str
@@ -39,22 +39,6 @@ __all__ = [
 SHARDING_VERSION = 1
 #: Dimensions and offsets larger than this are refused as hostile (torch sizes are int64).
 _MAX_DIM = 1 << 48
-
-
-def meta_file(entry: str) -> str:
-    """The sharding metadata file of ``entry`` (relative to the step's data prefix)."""
-    return f"{entry}.sharding.json"
-
-
-def shard_file(entry: str, rank: int) -> str:
-    """The safetensors file holding ``rank``'s chunks of ``entry``."""
-    return f"{rank_prefix(rank)}{entry}.shard.safetensors"
-
-
-def index_file(shard: str) -> str:
-    """The chunk index beside a shard file: byte range and crc32c of its header and of every chunk,
-    so a rank reading part of another rank's file verifies exactly the bytes it uses."""
-    return shard.removesuffix(".shard.safetensors") + ".chunks.json"
 
 
 def chunk_name(key: str, offsets: list[int]) -> str:
