@@ -20,22 +20,16 @@ from resumekit.drift import DriftPolicy, DriftReport, compare
 from resumekit.engine.apply import apply_plan
 from resumekit.engine.collectives import World, current_world
 from resumekit.engine.entries import Item, check_step, items_of
-from resumekit.engine.environment import collect_environment, resumekit_version
+from resumekit.engine.environment import collect_environment
 from resumekit.engine.live import live_entries
 from resumekit.engine.plan import RestoreOptions
 from resumekit.engine.readback import verify_committed
 from resumekit.engine.reader import positional_reads
 from resumekit.engine.restore import read_newest
-from resumekit.engine.save import Snapshot, take_snapshot, write
+from resumekit.engine.save import Snapshot, build_manifest, take_snapshot, write
 from resumekit.errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 from resumekit.format.layout import step_dir
 from resumekit.format.manifest import (
-    FORMAT_VERSION,
-    SCOPE_RANK,
-    SCOPE_SHARDED,
-    UNSHARDED_FORMAT_VERSION,
-    Entry,
-    FileRecord,
     Manifest,
     current_format,
 )
@@ -292,8 +286,8 @@ class Checkpointer:
         nbytes = write(
             self._storage,
             snap,
-            lambda prefix, files: self._manifest(
-                snap.step, snap.writer, prefix, snap.items, files, snap.world
+            lambda prefix, files: build_manifest(
+                snap, prefix, files, config=self.config, amp_dtype=self.amp_dtype
             ),
         )
         if self.verify_after_save:  # before retention: never evict good steps for an unreadable one
@@ -309,44 +303,6 @@ class Checkpointer:
             self._retain()
         url = f"{self.url}/{step_dir(snap.step)}"
         return CheckpointInfo(snap.step, url, nbytes, time.perf_counter() - snap.t0)
-
-    def _manifest(
-        self,
-        step: int,
-        writer: str,
-        data_prefix: str,
-        items: list[Item],
-        files: dict[str, FileRecord],
-        world: World,
-    ) -> Manifest:
-        entries = {
-            it.name: Entry(
-                scope=it.scope,
-                kind=it.kind,
-                ranks=tuple(range(world.size)) if it.scope in (SCOPE_RANK, SCOPE_SHARDED) else (0,),
-            )
-            for it in items
-        }
-        environment = collect_environment(world_size=world.size, amp_dtype=self.amp_dtype)
-        meshes = entry_meshes(items)
-        if meshes:  # only sharded checkpoints record a mesh: others keep the manifest they always had
-            environment[MESH_KEY] = meshes
-        return Manifest(
-            step=step,
-            writer_id=writer,
-            world_size=world.size,
-            entries=entries,
-            files=files,
-            environment=environment,
-            config=self.config,
-            created_unix=time.time(),
-            resumekit_version=resumekit_version(),
-            data_prefix=data_prefix,
-            # Sharded entries need format 2; without them format 1 keeps earlier resumekits reading it.
-            format_version=FORMAT_VERSION
-            if any(it.scope == SCOPE_SHARDED for it in items)
-            else UNSHARDED_FORMAT_VERSION,
-        )
 
     def _retain(self) -> None:
         try:

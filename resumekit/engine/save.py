@@ -15,17 +15,29 @@ import torch
 
 from resumekit.engine.collectives import World, describe
 from resumekit.engine.entries import Item, check_step, items_of
+from resumekit.engine.environment import collect_environment, resumekit_version
 from resumekit.engine.partial import module_state
 from resumekit.errors import StepExistsError, StorageError
 from resumekit.format.codec import TensorTable, encode_entry
-from resumekit.format.manifest import SCOPE_REPLICATED, SCOPE_SHARDED, FileRecord, Manifest, entry_files
+from resumekit.format.manifest import (
+    FORMAT_VERSION,
+    SCOPE_RANK,
+    SCOPE_REPLICATED,
+    SCOPE_SHARDED,
+    UNSHARDED_FORMAT_VERSION,
+    Entry,
+    FileRecord,
+    Manifest,
+    entry_files,
+)
 from resumekit.format.tensorfile import write_bytes, write_tensors
+from resumekit.sharding.mesh import MESH_KEY, entry_meshes
 from resumekit.sharding.shards import LocalShards, agree, capture, write_jobs
 from resumekit.staging.buffers import OverlapStager
 from resumekit.storage.base import Stage, Storage, files_at_once
 from resumekit.storage.verify import crc_hex
 
-__all__ = ["FileWrite", "Snapshot", "WritePlan", "plan_writes", "take_snapshot", "write"]
+__all__ = ["FileWrite", "Snapshot", "WritePlan", "build_manifest", "plan_writes", "take_snapshot", "write"]
 
 
 @dataclass
@@ -262,3 +274,44 @@ def _run_parallel(
 
 #: Files smaller than this are not worth a thread of their own.
 _PARALLEL_MIN_BYTES = 8 << 20
+
+
+def build_manifest(
+    snap: Snapshot,
+    data_prefix: str,
+    files: dict[str, FileRecord],
+    *,
+    config: dict[str, Any] | None,
+    amp_dtype: str | torch.dtype | None,
+) -> Manifest:
+    """The manifest of ``snap``'s step once every rank's ``files`` are durable: its entries (per-rank
+    and sharded ones list every rank), the environment fingerprint (with the device mesh of sharded
+    entries) and the user's config."""
+    world, items = snap.world, snap.items
+    entries = {
+        it.name: Entry(
+            scope=it.scope,
+            kind=it.kind,
+            ranks=tuple(range(world.size)) if it.scope in (SCOPE_RANK, SCOPE_SHARDED) else (0,),
+        )
+        for it in items
+    }
+    environment = collect_environment(world_size=world.size, amp_dtype=amp_dtype)
+    meshes = entry_meshes(items)
+    if meshes:  # only sharded checkpoints record a mesh: others keep the manifest they always had
+        environment[MESH_KEY] = meshes
+    sharded = any(it.scope == SCOPE_SHARDED for it in items)
+    return Manifest(
+        step=snap.step,
+        writer_id=snap.writer,
+        world_size=world.size,
+        entries=entries,
+        files=files,
+        environment=environment,
+        config=config,
+        created_unix=time.time(),
+        resumekit_version=resumekit_version(),
+        data_prefix=data_prefix,
+        # Sharded entries need format 2; without them format 1 keeps earlier resumekits reading it.
+        format_version=FORMAT_VERSION if sharded else UNSHARDED_FORMAT_VERSION,
+    )
