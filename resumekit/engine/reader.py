@@ -31,7 +31,8 @@ from resumekit.format.tensorfile import (
     read_tensors,
     tensors_from_buffer,
 )
-from resumekit.sharding.reshard import ShardFiles, read_meta, read_sharded
+from resumekit.sharding.chunkfiles import ShardFiles
+from resumekit.sharding.reshard import read_meta, read_sharded
 from resumekit.storage.base import Buffer, Storage, fetcher, positional
 from resumekit.storage.verify import verify_file
 

@@ -10,25 +10,20 @@ outcome so all ranks accept or reject a step together.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import crc32c
 import torch
 
-from resumekit._messages import CORRUPTED_AFTER_WRITE, not_listed
 from resumekit.engine.entries import Item
 from resumekit.errors import CheckpointCorruptError, StateMismatchError
 from resumekit.format.codec import decode
 from resumekit.format.manifest import Manifest
-from resumekit.format.strict_json import parse_strict
-from resumekit.format.tensorfile import ST_TO_DTYPE, tensors_from_buffer
-from resumekit.sharding.metadata import ShardingMeta, TensorRecord, index_file
+from resumekit.format.tensorfile import ST_TO_DTYPE
+from resumekit.sharding.chunkfiles import ChunkRead, ShardFiles
+from resumekit.sharding.metadata import ShardingMeta, TensorRecord
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
-from resumekit.storage.base import Buffer, PositionalReads, Storage, positional
-from resumekit.storage.verify import crc_hex, verify_file
 
 __all__ = ["ShardFiles", "ShardedValue", "check_sharded", "read_meta", "read_sharded"]
 
@@ -78,119 +73,6 @@ def _apply_unstepped(opt: torch.optim.Optimizer, model: torch.nn.Module, state: 
                 if k != "params" and key in state:
                     group[k] = state[key]
     opt.state.clear()  # the saved optimizer had not stepped: no moments, no step count
-
-
-@dataclass
-class ShardFiles:
-    """The shard files of one step as this rank reads them.
-
-    Where the storage offers positional reads, only the chunks this rank needs are read, each (and
-    the file's header) checked against the crc32c in the file's chunk index, itself checked against
-    the manifest; a rank thus reads what its own shards overlap, not every rank's files. Elsewhere
-    (object stores) a whole file is fetched once and checked against the manifest. Used as a context
-    manager: open files are closed on exit.
-    """
-
-    storage: Storage
-    step: int
-    m: Manifest
-    where: str
-    whole: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    indexes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    readers: dict[str, Any] = field(default_factory=dict)
-    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    ranged: PositionalReads | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ranged = positional(self.storage)
-
-    def __enter__(self) -> ShardFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stack.close()
-
-    def chunk(
-        self, relfile: str, name: str, dtype: torch.dtype, sizes: tuple[int, ...]
-    ) -> torch.Tensor | None:
-        """Chunk ``name`` of shard file ``relfile`` (relative to the data prefix), verified; None when
-        the file does not hold it."""
-        rel = self.m.data_prefix + relfile
-        idx_rel = self.m.data_prefix + index_file(relfile)
-        ranged = self.ranged
-        if ranged is None or idx_rel not in self.m.files:
-            if rel not in self.whole:
-                buf = verified(self.storage, self.step, self.m, rel, self.where)
-                self.whole[rel] = tensors_from_buffer(buf, f"{self.where}/{rel}")
-            return self.whole[rel].get(name)
-        index = self._index(ranged, rel, idx_rel)
-        span = index["chunks"].get(name)
-        if span is None:
-            return None
-        numel = 1
-        for s in sizes:
-            numel *= s
-        if span[1] - span[0] != numel * dtype.itemsize:
-            raise CheckpointCorruptError(
-                f"{self.where}/{idx_rel}: chunk '{name}' spans {span[1] - span[0]} bytes; "
-                f"{list(sizes)} of {dtype} needs {numel * dtype.itemsize}"
-            )
-        buf = self._read(ranged, rel, span)
-        if numel == 0:
-            return torch.empty(sizes, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(sizes)
-
-    def _index(self, ranged: PositionalReads, rel: str, idx_rel: str) -> dict[str, Any]:
-        if idx_rel not in self.indexes:
-            where = f"{self.where}/{idx_rel}"
-            try:
-                raw = bytes(verified(self.storage, self.step, self.m, idx_rel, self.where))
-                index = parse_strict(raw, where, "chunk index")
-                spans = [index["header"], *index["chunks"].values()]
-                size = self.m.files[rel].size if rel in self.m.files else -1
-                ok = index.get("format") == "resumekit.chunks" and all(
-                    isinstance(s, list)
-                    and len(s) == 3
-                    and type(s[0]) is int
-                    and type(s[1]) is int
-                    and 0 <= s[0] <= s[1] <= size
-                    and isinstance(s[2], str)
-                    for s in spans
-                )
-            except (KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointCorruptError(f"{where} is not a valid chunk index ({exc!r})") from exc
-            if not ok:
-                raise CheckpointCorruptError(f"{where}: malformed chunk index, or spans outside '{rel}'")
-            self.indexes[idx_rel] = index
-            self._read(ranged, rel, index["header"])  # every byte of a file a rank reads from is verified
-        return self.indexes[idx_rel]
-
-    def _read(self, ranged: PositionalReads, rel: str, span: list[Any]) -> bytearray:
-        reader = self.readers.get(rel)
-        if reader is None:
-            reader = self.stack.enter_context(ranged.open_reader(self.step, rel, self.m.files[rel].size))
-            self.readers[rel] = reader
-        begin, end, crc = span
-        buf = bytearray(end - begin)
-        if buf:
-            reader.read_at(memoryview(buf), begin)
-        actual = crc_hex(crc32c.crc32c(buf))
-        if actual != crc:
-            raise CheckpointCorruptError(
-                f"{self.where}/{rel}: bytes [{begin}, {end}) have crc32c {actual}, the chunk index says {crc}; "
-                + CORRUPTED_AFTER_WRITE
-            )
-        return buf
-
-
-def verified(storage: Storage, step: int, m: Manifest, relpath: str, where: str) -> Buffer:
-    """A whole file's bytes, checked against the manifest's size and crc32c."""
-    rec = m.files.get(relpath)
-    if rec is None:
-        raise CheckpointCorruptError(not_listed(where, relpath))
-    buf = storage.read_file(step, relpath, rec.size)
-    verify_file(f"{where}/{relpath}", rec, len(buf), crc32c.crc32c(buf))
-    return buf
 
 
 def read_meta(raw: bytes, where: str, m: Manifest) -> ShardingMeta:
@@ -258,10 +140,12 @@ def read_sharded(
         StateMismatchError: names, shapes or dtypes differ from the live object (names them).
     """
     t = _targets(name, meta, obj, items)
-    state: dict[str, Any] = {
-        k: _rebuild(files, name, k, rec, t.likes[k], exact_dtype=t.exact_dtype)
-        for k, rec in meta.tensors.items()
-    }
+    state: dict[str, Any] = {}
+    reads: list[ChunkRead] = []
+    for k, rec in meta.tensors.items():
+        state[k] = _plan_rebuild(files.where, name, k, rec, t.likes[k], reads, exact_dtype=t.exact_dtype)
+    # One pass over every chunk of the entry, in file order, each read once and verified.
+    files.fill(reads)
     for k, v in meta.values.items():
         state[k] = decode(v, _no_tensor, f"{name}.{k}")
     return ShardedValue(name, meta, state, t.model)
@@ -289,11 +173,18 @@ def _check_optimizer_params(entry: str, meta: ShardingMeta, live: set[str]) -> N
         )
 
 
-def _rebuild(
-    files: ShardFiles, entry: str, key: str, rec: TensorRecord, like: Any, exact_dtype: bool = True
+def _plan_rebuild(
+    where: str,
+    entry: str,
+    key: str,
+    rec: TensorRecord,
+    like: Any,
+    reads: list[ChunkRead],
+    exact_dtype: bool = True,
 ) -> torch.Tensor:
     """A fresh tensor laid out like ``like`` (a DTensor, a plain tensor, or None: the whole tensor on
-    the CPU) holding the saved values of ``key``, assembled from the chunks it overlaps."""
+    the CPU) for the saved values of ``key``; appends to ``reads`` the regions of the saved chunks it
+    overlaps, which fill it exactly (checked here, before any byte is read)."""
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
         TensorProperties,
@@ -319,12 +210,9 @@ def _rebuild(
         device = like.device if like is not None else torch.device("cpu")
         local = torch.empty(rec.shape, dtype=dtype, device=device)
         target = local
-    numel = 1
-    for s in rec.shape:
-        numel *= s
-    if sum(_volume(c.sizes) for c in rec.chunks) != numel:
+    if sum(_volume(c.sizes) for c in rec.chunks) != _volume(rec.shape):
         raise CheckpointCorruptError(
-            f"{files.where}: the saved chunks of '{entry}.{key}' do not tile its shape {list(rec.shape)}"
+            f"{where}: the saved chunks of '{entry}.{key}' do not tile its shape {list(rec.shape)}"
         )
     md = TensorStorageMetadata(
         TensorProperties(dtype=dtype),
@@ -334,16 +222,22 @@ def _rebuild(
     covered = 0
     for ri in _create_read_items(key, md, target):
         chunk = rec.chunks[ri.storage_index.index or 0]
-        stored = files.chunk(chunk.file, chunk.name, dtype, chunk.sizes)
-        if stored is None or tuple(stored.shape) != chunk.sizes or stored.dtype != dtype:
-            raise CheckpointCorruptError(
-                f"{files.where}/{chunk.file}: chunk '{chunk.name}' is missing or has the wrong shape/dtype"
+        lengths = tuple(int(n) for n in ri.lengths)
+        reads.append(
+            ChunkRead(
+                file=chunk.file,
+                name=chunk.name,
+                dtype=dtype,
+                sizes=tuple(chunk.sizes),
+                offsets=tuple(int(o) for o in ri.storage_offsets),
+                lengths=lengths,
+                dest=_narrow(local, ri.dest_offsets, lengths),
             )
-        _narrow(local, ri.dest_offsets, ri.lengths).copy_(_narrow(stored, ri.storage_offsets, ri.lengths))
-        covered += _volume(ri.lengths)
+        )
+        covered += _volume(lengths)
     if covered != local.numel():
         raise CheckpointCorruptError(
-            f"{files.where}: the saved chunks of '{entry}.{key}' leave part of this rank's shard unfilled"
+            f"{where}: the saved chunks of '{entry}.{key}' leave part of this rank's shard unfilled"
         )
     return target
 
