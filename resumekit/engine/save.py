@@ -108,14 +108,16 @@ def take_snapshot(
         error = exc
     # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
     # forever in a collective of _write).
-    world.gather_outcomes(error).raise_failures(
+    # The sharded entries' plans travel with the outcomes: one exchange, not two.
+    outcomes = world.gather_outcomes(error, payload=[s.plan for s in snap.sharded] if error is None else None)
+    outcomes.raise_failures(
         error,
         lambda failed: StorageError(
             f"saving step {step} failed on {failed}. Nothing was written; earlier checkpoints are intact."
         ),
     )
     if any(it.scope == SCOPE_SHARDED for it in items):
-        agree(snap.sharded, world)  # raises on every rank together
+        agree(snap.sharded, world, list(outcomes.payloads))  # raises on every rank together
     return snap
 
 

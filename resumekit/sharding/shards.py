@@ -149,8 +149,6 @@ def capture(it: Item, items: Sequence[Item], stager: OverlapStager | None) -> Lo
     overlapped with training: no write guard covers a DTensor's local shard yet); without, they are
     views of the live local shards, streamed by the write: a rank never holds more than its own.
     """
-    from torch.distributed.checkpoint.planner_helpers import _create_write_items
-
     dt = dtensor_type()
     flat = flat_state(it, items)
     chunks: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -179,8 +177,10 @@ def capture(it: Item, items: Sequence[Item], stager: OverlapStager | None) -> Lo
         if dt is not None and isinstance(v, dt):
             dv: Any = v
             _check_placements(it.name, key, dv.placements)
-            (wi,) = _create_write_items(key, dv)
-            chunk = wi.tensor_data.chunk if wi.tensor_data is not None else None
+            # DCP's own chunk of this rank (what its planner's write item holds, without the rest of
+            # the write item, whose tensor properties cost more than the arithmetic).
+            boxes = dv.__create_chunk_list__()
+            chunk = boxes[0] if len(boxes) == 1 else None
             local = dv.to_local().detach()
             if chunk is None or tuple(local.shape) != tuple(chunk.sizes):
                 raise UnsupportedValueError(
@@ -229,17 +229,24 @@ def _check_placements(entry: str, key: str, placements: Sequence[Any]) -> None:
         )
 
 
-def agree(shards: list[LocalShards], world: World) -> None:
+def agree(shards: list[LocalShards], world: World, gathered: list[Any] | None = None) -> None:
     """Exchange every rank's plans (JSON), refuse disagreeing values, decide who writes each chunk.
 
     Every decision is a pure function of the gathered plans, so every rank reaches the same one: all
     ranks raise together or none does.
 
+    Args:
+        shards: this rank's captured sharded entries.
+        world: the ranks saving together.
+        gathered: every rank's ``[s.plan for s in shards]``, in rank order, when the caller already
+            exchanged them; None: exchanged here.
+
     Raises:
         UnsupportedValueError: a value saved once for all ranks differs between ranks, or the ranks
             do not hold the same sharded entries.
     """
-    gathered = world.all_gather_json([s.plan for s in shards])
+    if gathered is None:
+        gathered = world.all_gather_json([s.plan for s in shards])
     names = [[p["entry"] for p in plans] for plans in gathered]
     if any(n != names[0] for n in names):
         desc = "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
