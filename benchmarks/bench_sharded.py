@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_sharded.py                       # world 2 and 4, ~2 minutes
+    .venv/bin/python benchmarks/bench_sharded.py                       # world 2 and 4, ~3 minutes
     .venv/bin/python benchmarks/bench_sharded.py --world 2 --mib 16 --reps 1
 
 Each world size runs in gloo processes on the CPU: an FSDP2 (``fully_shard``) stack of
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, action="append", help="world sizes (default: 2 and 4)")
     p.add_argument("--mib", type=int, default=128, help="parameter MiB (AdamW adds twice that)")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: the temp dir)")
     p.add_argument("--out", default=str(HERE / "results" / "sharded"))
     args = p.parse_args(argv)

@@ -32,22 +32,37 @@ def free_port() -> int:
 
 
 def _entry(
-    rank: int, fn: Callable[..., None], world: int, port: int, args: tuple[Any, ...], pg_timeout: float | None
+    rank: int,
+    fn: Callable[..., None],
+    world: int,
+    port: int,
+    args: tuple[Any, ...],
+    pg_timeout: float | None,
+    backend: str = "gloo",
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if backend == "nccl":  # one GPU a rank, chosen before the group exists
+        torch.cuda.set_device(rank)
     timeout = None if pg_timeout is None else timedelta(seconds=pg_timeout)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 120.0) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; fail (killing them) past ``deadline`` s."""
+def launch(
+    fn: Callable[..., None], world: int, *args: Any, deadline: float = 120.0, backend: str = "gloo"
+) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` processes of ``backend`` (``nccl``: rank r on GPU r);
+    fail (killing them) past ``deadline`` s."""
     ctx = mp.start_processes(
-        _entry, args=(fn, world, free_port(), args, None), nprocs=world, start_method="spawn", join=False
+        _entry,
+        args=(fn, world, free_port(), args, None, backend),
+        nprocs=world,
+        start_method="spawn",
+        join=False,
     )
     end = time.monotonic() + deadline
     while not ctx.join(timeout=max(0.1, end - time.monotonic())):
