@@ -222,7 +222,8 @@ def _worker(rank: int, world: int, port: int, mib: int, reps: int, tmp: str, out
         dist.barrier()
         if rank == 0:
             if i == 0:
-                sizes = {"resumekit": _tree_bytes(f"{rk_dir}"), "dcp": _tree_bytes(dcp_dir)}
+                # The sync save's step alone (the async save's step 2 sits beside it).
+                sizes = {"resumekit": _tree_bytes(f"{rk_dir}/step-000000000001"), "dcp": _tree_bytes(dcp_dir)}
             for d in (rk_dir, dcp_dir, dcp_dir + "-async"):
                 shutil.rmtree(d, ignore_errors=True)
         dist.barrier()
@@ -307,7 +308,7 @@ def _report(
         "are noisy; each pair is measured back to back, the library going first alternating).",
         f"- State: FSDP2 `fully_shard` per layer and on the root, {layers} x `nn.Linear({WIDTH}, {WIDTH}, "
         f"bias=False)` float32, seeded, one AdamW step: parameters + `exp_avg` + `exp_avg_sq` = "
-        f"{state_mb:.0f} MB across all ranks (the same state for both libraries). On disk after one save: "
+        f"{state_mb:.0f} MB across all ranks (the same state for both libraries). On disk, one sync save: "
         + "; ".join(
             f"world {w}: resumekit {r['sizes']['resumekit'] / 1e6:.0f} MB, DCP {r['sizes']['dcp'] / 1e6:.0f} MB"
             for w, r in results.items()
