@@ -23,10 +23,10 @@ import torch
 
 from resumekit._messages import CORRUPTED_AFTER_WRITE, not_listed
 from resumekit.errors import CheckpointCorruptError
+from resumekit.format.layout import index_file
 from resumekit.format.manifest import Manifest
 from resumekit.format.strict_json import parse_strict
 from resumekit.format.tensorfile import tensors_from_buffer
-from resumekit.sharding.metadata import index_file
 from resumekit.storage.base import Buffer, PositionalReads, Storage, positional
 from resumekit.storage.verify import crc_hex, verify_file
 
