@@ -22,6 +22,7 @@ from resumekit.format.codec import decode
 from resumekit.format.manifest import Manifest
 from resumekit.format.tensorfile import ST_TO_DTYPE
 from resumekit.sharding.chunkfiles import ChunkRead, ShardFiles
+from resumekit.sharding.dcp_private import create_read_items
 from resumekit.sharding.metadata import ShardingMeta, TensorRecord
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
 
@@ -193,7 +194,6 @@ def _plan_rebuild(
         TensorProperties,
         TensorStorageMetadata,
     )
-    from torch.distributed.checkpoint.planner_helpers import _create_read_items
 
     dtype = _dtype(entry, key, rec)
     dt = dtensor_type()
@@ -223,7 +223,7 @@ def _plan_rebuild(
         [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in rec.chunks],
     )
     covered = 0
-    for ri in _create_read_items(key, md, target):
+    for ri in create_read_items(key, md, target):
         chunk = rec.chunks[ri.storage_index.index or 0]
         lengths = tuple(int(n) for n in ri.lengths)
         reads.append(

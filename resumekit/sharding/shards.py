@@ -24,6 +24,7 @@ from resumekit.engine.entries import Item
 from resumekit.errors import UnsupportedValueError
 from resumekit.format.codec import TensorTable, encode
 from resumekit.format.tensorfile import DTYPE_TO_ST, _host_bytes, _layout, write_bytes, write_tensors
+from resumekit.sharding.dcp_private import get_fqns
 from resumekit.sharding.metadata import (
     ChunkRecord,
     ShardingMeta,
@@ -85,11 +86,9 @@ def owning_module(opt: torch.optim.Optimizer, name: str, items: Sequence[Item]) 
 
 def param_fqns(model: torch.nn.Module) -> dict[int, str]:
     """``id(parameter)`` -> its canonical name, as DCP's state-dict helpers spell it."""
-    from torch.distributed.checkpoint.state_dict import _get_fqns
-
     out: dict[int, str] = {}
     for name, p in model.named_parameters():
-        fqns = _get_fqns(model, name)
+        fqns = get_fqns(model, name)
         out[id(p)] = next(iter(fqns))
     return out
 
