@@ -73,7 +73,8 @@ class _Worker:
         return json.loads(line)
 
     def run(self, what: str, folder: str) -> float:
-        assert self.proc.stdin is not None
+        if self.proc.stdin is None:
+            raise RuntimeError("the worker has no stdin")
         self.proc.stdin.write(f"{what} {folder}\n")
         self.proc.stdin.flush()
         return float(self._read()["seconds"])

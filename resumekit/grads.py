@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -176,7 +177,4 @@ def _layout(t: Any) -> dict[str, Any]:
 
 def _ranks_in(layout: dict[str, Any]) -> int:
     """How many ranks a saved layout's mesh spans (1: its one shard is the whole gradient)."""
-    n = 1
-    for size in layout.get("mesh", []):
-        n *= int(size) if isinstance(size, int) else 0
-    return n
+    return math.prod(int(n) if isinstance(n, int) else 0 for n in layout.get("mesh", []))

@@ -12,6 +12,7 @@ state, so a checksum failure leaves nothing changed.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +31,7 @@ from resumekit.format.tensorfile import tensors_from_buffer
 from resumekit.storage.base import Buffer, PositionalReads, Storage, positional
 from resumekit.storage.verify import crc_hex, verify_file
 
-__all__ = ["ChunkRead", "ShardFiles", "verified"]
+__all__ = ["ChunkRead", "ShardFiles", "narrow", "verified"]
 
 #: Bytes read ahead of the checksum (bounds the buffers a resharding restore holds at once).
 _AHEAD_BYTES = 64 << 20
@@ -120,7 +121,7 @@ class ShardFiles:
             if span is None:  # no chunk index here: the whole file, verified against the manifest
                 stored = self._from_whole(relfile, name, group[0].dtype, group[0].sizes)
                 for r in group:
-                    r.dest.copy_(_narrow(stored, r.offsets, r.lengths))
+                    r.dest.copy_(narrow(stored, r.offsets, r.lengths))
             else:
                 ranged.append((self.m.data_prefix + relfile, span, group))
         ranged.sort(key=lambda job: (job[0], job[1][0]))
@@ -138,7 +139,7 @@ class ShardFiles:
         span = self._index(self.ranged, rel, idx_rel)["chunks"].get(name)
         if span is None:
             raise _missing(self.where, relfile, name)
-        need = _volume(sizes) * dtype.itemsize
+        need = math.prod(int(n) for n in sizes) * dtype.itemsize
         if span[1] - span[0] != need:
             raise CheckpointCorruptError(
                 f"{self.where}/{idx_rel}: chunk '{name}' spans {span[1] - span[0]} bytes; "
@@ -170,7 +171,7 @@ class ShardFiles:
                 torch.frombuffer(buf, dtype=dtype).reshape(sizes) if buf else torch.empty(sizes, dtype=dtype)
             )
             for r in group:
-                r.dest.copy_(_narrow(stored, r.offsets, r.lengths))
+                r.dest.copy_(narrow(stored, r.offsets, r.lengths))
 
         with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="resumekit-shard-read") as pool:
             pending: deque[tuple[str, list[Any], list[ChunkRead], memoryview, bytearray | None, Future[None]]]
@@ -287,14 +288,8 @@ def _done() -> Future[None]:
     return fut
 
 
-def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+def narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """The region of ``t`` at ``offsets`` with ``lengths`` (a view; one ``narrow`` per dimension)."""
     for dim, (o, n) in enumerate(zip(offsets, lengths)):
         t = t.narrow(dim, int(o), int(n))
     return t
-
-
-def _volume(sizes: Sequence[int]) -> int:
-    n = 1
-    for s in sizes:
-        n *= int(s)
-    return n

@@ -10,6 +10,7 @@ outcome so all ranks accept or reject a step together.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from resumekit.errors import CheckpointCorruptError, StateMismatchError
 from resumekit.format.codec import decode
 from resumekit.format.manifest import Manifest
 from resumekit.format.tensorfile import ST_TO_DTYPE
-from resumekit.sharding.chunkfiles import ChunkRead, ShardFiles
+from resumekit.sharding.chunkfiles import ChunkRead, ShardFiles, narrow
 from resumekit.sharding.dcp_private import create_read_items
 from resumekit.sharding.metadata import ShardingMeta, TensorRecord
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
@@ -234,7 +235,7 @@ def _plan_rebuild(
                 sizes=tuple(chunk.sizes),
                 offsets=tuple(int(o) for o in ri.storage_offsets),
                 lengths=lengths,
-                dest=_narrow(local, ri.dest_offsets, lengths),
+                dest=narrow(local, ri.dest_offsets, lengths),
             )
         )
         covered += _volume(lengths)
@@ -270,17 +271,8 @@ def _check_like(entry: str, key: str, rec: TensorRecord, like: Any, exact_dtype:
     return like
 
 
-def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
-    for dim, (o, n) in enumerate(zip(offsets, lengths)):
-        t = t.narrow(dim, int(o), int(n))
-    return t
-
-
 def _volume(sizes: Sequence[int]) -> int:
-    n = 1
-    for s in sizes:
-        n *= int(s)
-    return n
+    return math.prod(int(n) for n in sizes)
 
 
 def _no_tensor(name: str) -> torch.Tensor:

@@ -88,9 +88,9 @@ class _EarlyWriteback:
     The kernel holds written pages in memory until a threshold or the fsync; the fsync at the end then
     waits for the whole file. Every ``_WRITEBACK_BYTES``, ``posix_fadvise(DONTNEED)`` on the bytes
     written since the last hint starts their write-back at once (it drops only pages already clean), so
-    the disk works while the rest is written and the final fsync waits for little. Measured here: a
-    450 MiB file written and fsynced in 0.35 s instead of 0.54 s (medians of 6). The fsync still decides
-    durability; the hint changes only when the disk starts.
+    the disk works while the rest is written and the final fsync waits for little
+    (``benchmarks/results/physical.md``: the same raw parallel write with the hint took 0.93x the time
+    without it). The fsync still decides durability; the hint changes only when the disk starts.
     """
 
     def __init__(self, f: IO[bytes]) -> None:
