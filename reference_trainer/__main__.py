@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from reference_trainer.cli import main
+from reference_trainer.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -18,13 +18,13 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from reference_trainer.config import UsageError, parse_config
 from reference_trainer.progress import configure_logging, reset_logging
 from reference_trainer.signals import StopSignals
 
-__all__ = ["EXIT_COMPLETE", "EXIT_FAILED", "EXIT_FORCED", "EXIT_TEMPFAIL", "EXIT_USAGE", "main"]
+__all__ = ["EXIT_COMPLETE", "EXIT_FAILED", "EXIT_FORCED", "EXIT_TEMPFAIL", "EXIT_USAGE", "main", "run"]
 
 EXIT_COMPLETE = 0
 EXIT_FAILED = 1
@@ -51,6 +51,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return _run(cfg, signals, started)
         finally:
             reset_logging()
+
+
+def run(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """Run :func:`main` and exit the process with its status (the console script and ``-m`` entry).
+
+    A process that left a torch.distributed group exits at once (``os._exit``) after flushing its
+    logs and streams. Once a ``DistributedDataParallel`` module has existed, gloo's threads outlive
+    ``destroy_process_group()`` (torch 2.13), and the interpreter's normal teardown then aborts now
+    and then (``terminate called without an active exception``, SIGABRT): torchrun would report a
+    finished run (status 0 or 75) as failed, and a requeue script would act on the wrong status.
+    Everything that matters is done by then: checkpoints are committed, outputs written, the group left.
+    """
+    code = main(argv)
+    from reference_trainer.devices import left_process_group
+
+    if left_process_group():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _run(cfg: object, signals: StopSignals, started: float) -> int:
@@ -100,4 +121,4 @@ def _run(cfg: object, signals: StopSignals, started: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -21,7 +21,17 @@ from torch import nn
 
 from reference_trainer.config import PretrainConfig, UsageError
 
-__all__ = ["Placement", "agree", "barrier", "resolve_placement", "shutdown", "wrap_model"]
+__all__ = [
+    "Placement",
+    "agree",
+    "barrier",
+    "left_process_group",
+    "resolve_placement",
+    "shutdown",
+    "wrap_model",
+]
+
+_left_group = False
 
 log = logging.getLogger("reference_trainer")
 
@@ -175,5 +185,12 @@ def barrier(placement: Placement) -> None:
 
 def shutdown(placement: Placement) -> None:
     """Leave the process group, if this process joined one."""
+    global _left_group
     if placement.multiprocess and dist.is_initialized():
         dist.destroy_process_group()
+        _left_group = True
+
+
+def left_process_group() -> bool:
+    """True once :func:`shutdown` left a process group in this process."""
+    return _left_group

@@ -384,3 +384,35 @@ def test_progress_bar_on_a_terminal_and_plain_log_lines_otherwise(
     lines = [r.getMessage() for r in caplog.records if "samples/s" in r.getMessage()]
     assert [line.split("  ")[1] for line in lines] == ["step 2", "step 4", "step 6"]
     assert all("loss 0.25" in line for line in lines)
+
+
+def test_run_exits_with_mains_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    import reference_trainer.cli as cli
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: EXIT_TEMPFAIL)
+    with pytest.raises(SystemExit) as exited:
+        cli.run([])
+    assert exited.value.code == EXIT_TEMPFAIL
+
+
+def test_run_leaves_at_once_after_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After leaving a process group, the process skips the interpreter's teardown (where gloo can
+    abort it) and still exits with main's status."""
+    import reference_trainer.cli as cli
+    import reference_trainer.devices as devices
+
+    left: list[int] = []
+
+    class _Left(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        left.append(code)
+        raise _Left
+
+    monkeypatch.setattr(cli, "main", lambda argv=None: EXIT_TEMPFAIL)
+    monkeypatch.setattr(devices, "_left_group", True)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(_Left):
+        cli.run([])
+    assert left == [EXIT_TEMPFAIL]

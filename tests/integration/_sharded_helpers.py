@@ -8,69 +8,22 @@ import json
 import os
 import pickle
 import signal
-import socket
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests._dist import _entry
+from tests._dist import free_port as free_port  # re-exported: the sharded tests import them from here
+from tests._dist import launch as launch
 
 DIMS = (4, 5, 3)  # 5 and 3 are not divisible by 2 or 4: every world size here shards unevenly
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _entry(
-    rank: int,
-    fn: Callable[..., None],
-    world: int,
-    port: int,
-    args: tuple[Any, ...],
-    pg_timeout: float | None,
-    backend: str = "gloo",
-) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if backend == "nccl":  # one GPU a rank, chosen before the group exists
-        torch.cuda.set_device(rank)
-    timeout = None if pg_timeout is None else timedelta(seconds=pg_timeout)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(
-    fn: Callable[..., None], world: int, *args: Any, deadline: float = 120.0, backend: str = "gloo"
-) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` processes of ``backend`` (``nccl``: rank r on GPU r);
-    fail (killing them) past ``deadline`` s."""
-    ctx = mp.start_processes(
-        _entry,
-        args=(fn, world, free_port(), args, None, backend),
-        nprocs=world,
-        start_method="spawn",
-        join=False,
-    )
-    end = time.monotonic() + deadline
-    while not ctx.join(timeout=max(0.1, end - time.monotonic())):
-        if time.monotonic() >= end:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} at world {world} did not finish within {deadline} s (a hang)")
 
 
 #: One job of :func:`fork_worlds`: ``fn(rank, world, *args)`` on a world of ``world`` processes.
@@ -131,7 +84,7 @@ def _fork_world(fn: Callable[..., None], world: int, args: tuple[Any, ...], pg_t
         if pid == 0:
             code = 1
             try:
-                _entry(rank, fn, world, port, args, pg_timeout)
+                _entry(rank, fn, world, port, args, pg_timeout, meet=False)
                 code = 0
             except BaseException:
                 traceback.print_exc()

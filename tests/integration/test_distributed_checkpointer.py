@@ -7,25 +7,17 @@ after every rank's files are durable; a failure on any rank commits nothing and 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import resumekit as rk
+from tests._dist import launch
 
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Boom:
@@ -58,59 +50,52 @@ class _PickyOnRank1(dict):  # type: ignore[type-arg]
         return sd
 
 
-def _worker(rank: int, world: int, port: int, root: str, scenario: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Linear(3, 2)
-        local = {"rank": rank, "values": torch.full((2,), float(rank))}
-        ckpt = rk.Checkpointer(root, per_rank=("local",))
-        out: dict = {}
-        if scenario == "save":
-            info = ckpt.save({"model": model, "local": local}, step=5)
-            out["nbytes"] = info.nbytes
-        elif scenario == "restore":
-            fresh = torch.nn.Linear(3, 2)
-            mine: dict = {}
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = ckpt.restore({"model": fresh, "local": mine})
-            out["step"] = result.step if result else None
-            out["equal"] = all(
-                torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
-            )
-            out["local_rank"] = mine.get("rank")
-            out["local_values"] = mine["values"].tolist() if "values" in mine else None
-            out["warnings"] = [str(w.message) for w in caught]
-        elif scenario == "refuse":
-            fresh = torch.nn.Linear(3, 2)
-            before = [t.clone() for t in fresh.state_dict().values()]
-            picky = _PickyOnRank1(untouched=True)
-            try:
-                ckpt.restore({"model": fresh, "local": picky})
-                out["raised"] = None
-            except Exception as exc:
-                out["raised"] = type(exc).__name__
-                out["message"] = str(exc)
-            out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, fresh.state_dict().values()))
-            out["picky"] = sorted(picky)
-        elif scenario == "fail":
-            try:
-                ckpt.save({"model": model, "boom": _Boom()}, step=9)
-                out["raised"] = None
-            except Exception as exc:
-                out["raised"] = type(exc).__name__
-                out["message"] = str(exc)
-        Path(root, f"result-{scenario}-{world}-{rank}.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, root: str, scenario: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    local = {"rank": rank, "values": torch.full((2,), float(rank))}
+    ckpt = rk.Checkpointer(root, per_rank=("local",))
+    out: dict = {}
+    if scenario == "save":
+        info = ckpt.save({"model": model, "local": local}, step=5)
+        out["nbytes"] = info.nbytes
+    elif scenario == "restore":
+        fresh = torch.nn.Linear(3, 2)
+        mine: dict = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = ckpt.restore({"model": fresh, "local": mine})
+        out["step"] = result.step if result else None
+        out["equal"] = all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+        )
+        out["local_rank"] = mine.get("rank")
+        out["local_values"] = mine["values"].tolist() if "values" in mine else None
+        out["warnings"] = [str(w.message) for w in caught]
+    elif scenario == "refuse":
+        fresh = torch.nn.Linear(3, 2)
+        before = [t.clone() for t in fresh.state_dict().values()]
+        picky = _PickyOnRank1(untouched=True)
+        try:
+            ckpt.restore({"model": fresh, "local": picky})
+            out["raised"] = None
+        except Exception as exc:
+            out["raised"] = type(exc).__name__
+            out["message"] = str(exc)
+        out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, fresh.state_dict().values()))
+        out["picky"] = sorted(picky)
+    elif scenario == "fail":
+        try:
+            ckpt.save({"model": model, "boom": _Boom()}, step=9)
+            out["raised"] = None
+        except Exception as exc:
+            out["raised"] = type(exc).__name__
+            out["message"] = str(exc)
+    Path(root, f"result-{scenario}-{world}-{rank}.json").write_text(json.dumps(out))
 
 
 def _run(world: int, root: Path, scenario: str) -> list[dict]:
-    mp.start_processes(
-        _worker, args=(world, _free_port(), str(root), scenario), nprocs=world, start_method="spawn"
-    )
+    launch(_worker, world, str(root), scenario, deadline=120)
     return [json.loads((root / f"result-{scenario}-{world}-{r}.json").read_text()) for r in range(world)]
 
 

@@ -88,6 +88,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: Path) -> None:
             for name, p in sharded.named_parameters():
                 results[f"fsdp.grad.{name}"] = p.grad.full_tensor()
             save_file(results, str(out_dir / f"{config}-rank{rank}.safetensors"))
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -210,3 +211,7 @@ if __name__ == "__main__":
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args()
     _worker(args.rank, args.world_size, args.port, args.out_dir)
+    # Skip the interpreter's teardown: after DDP, gloo's threads can abort it (see tests/_dist.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -4,18 +4,15 @@ Checkpointer; and CUDA <-> CPU migration (GPU-only tests are marked ``gpu``)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import resumekit as rk
+from tests._dist import launch
 
 
 def _net(seed: int) -> nn.Module:
@@ -48,35 +45,22 @@ def test_every_pair_in_process(tmp_path: Path, saved_as: str, loaded_as: str) ->
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ddp_worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for name in WRAPPERS:  # every single-process checkpoint loads into DDP
-            ddp = nn.parallel.DistributedDataParallel(_net(1))
-            rk.Checkpointer(Path(root, name)).restore({"model": ddp})
-            expected = _plain_state(WRAPPERS[name](_net(0)))
-            results[name] = all(torch.equal(v, expected[k]) for k, v in _plain_state(ddp).items())
-        rk.Checkpointer(Path(root, "ddp")).save(
-            {"model": nn.parallel.DistributedDataParallel(_net(0))}, step=1
-        )
-        Path(root, f"ddp-result-{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world: int, root: str) -> None:
+    results = {}
+    for name in WRAPPERS:  # every single-process checkpoint loads into DDP
+        ddp = nn.parallel.DistributedDataParallel(_net(1))
+        rk.Checkpointer(Path(root, name)).restore({"model": ddp})
+        expected = _plain_state(WRAPPERS[name](_net(0)))
+        results[name] = all(torch.equal(v, expected[k]) for k, v in _plain_state(ddp).items())
+    rk.Checkpointer(Path(root, "ddp")).save({"model": nn.parallel.DistributedDataParallel(_net(0))}, step=1)
+    Path(root, f"ddp-result-{rank}.json").write_text(json.dumps(results))
 
 
 @pytest.mark.distributed
 def test_ddp_pairs(tmp_path: Path) -> None:
     for name, wrap in WRAPPERS.items():
         rk.Checkpointer(tmp_path / name).save({"model": wrap(_net(0))}, step=1)
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    launch(_ddp_worker, 2, str(tmp_path), deadline=120)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"ddp-result-{rank}.json").read_text()) == dict.fromkeys(WRAPPERS, True)
     expected = _plain_state(_net(0))

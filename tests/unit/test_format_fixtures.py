@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import resumekit as rk
 
 # The format written for unsharded state; sharded checkpoints (format 2) have tests/fixtures/sharded-v2/.
 from resumekit.format.manifest import UNSHARDED_FORMAT_VERSION as FORMAT_VERSION
+from tests._dist import launch
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SINGLE = sorted(p for p in FIXTURES.glob("format-v*") if not p.name.endswith("-world2"))
@@ -91,13 +91,9 @@ def test_old_format_restores_bit_for_bit(folder: Path, tmp_path: Path) -> None:
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "restore changed the root"
 
 
-def _rank(rank: int, world: int, port: int, folder: str, root: str, out: str) -> None:
-    _maker().init_rank(rank, world, port)
-    try:
-        bad = _restore_and_compare(Path(folder), Path(root))
-        Path(out, f"rank{rank}.json").write_text(json.dumps(bad))
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int, world: int, folder: str, root: str, out: str) -> None:
+    bad = _restore_and_compare(Path(folder), Path(root))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(bad))
 
 
 @pytest.mark.distributed
@@ -105,8 +101,7 @@ def _rank(rank: int, world: int, port: int, folder: str, root: str, out: str) ->
 @pytest.mark.parametrize("folder", WORLD2, ids=[p.name for p in WORLD2])
 def test_old_format_two_ranks_restore_bit_for_bit(folder: Path, tmp_path: Path) -> None:
     root = _copy(folder, tmp_path)
-    args = (2, _maker().free_port(), str(folder), str(root), str(tmp_path))
-    mp.start_processes(_rank, args=args, nprocs=2, start_method="spawn")
+    launch(_rank, 2, str(folder), str(root), str(tmp_path), deadline=150)
     for rank in range(2):
         bad = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert bad == [], f"rank {rank} differs: {bad}"

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from resumekit.engine.environment import collect_environment
@@ -29,6 +25,7 @@ from resumekit.engine.shapes import (
     load_matching,
 )
 from resumekit.errors import StateMismatchError
+from tests._dist import launch
 
 PLAIN_KEYS = [
     "embed.weight",
@@ -204,23 +201,18 @@ DDP_WRAPPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def _ddp_worker(rank: int, world_size: int, store: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        if collect_environment()["world_size"] != world_size:
-            raise AssertionError("collect_environment did not read the process group's world size")
-        for source_kind in DDP_WRAPPERS:
-            for target_kind in DDP_WRAPPERS:
-                if "ddp" in source_kind or "ddp" in target_kind:
-                    roundtrip(source_kind, target_kind, DDP_WRAPPERS)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, world_size: int) -> None:
+    if collect_environment()["world_size"] != world_size:
+        raise AssertionError("collect_environment did not read the process group's world size")
+    for source_kind in DDP_WRAPPERS:
+        for target_kind in DDP_WRAPPERS:
+            if "ddp" in source_kind or "ddp" in target_kind:
+                roundtrip(source_kind, target_kind, DDP_WRAPPERS)
 
 
 @pytest.mark.distributed
-def test_ddp_every_pair_two_processes(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+def test_ddp_every_pair_two_processes() -> None:
+    launch(_ddp_worker, 2, deadline=180)
 
 
 # ------------------------------------------------------------------------------------------ shapes
