@@ -12,6 +12,10 @@ AdamW (two moments: 3x the parameters in all). Per repetition, on that same live
 
 - ``Checkpointer.save`` vs ``dcp.save`` (state dicts from ``get_state_dict``, as DCP documents);
 - ``Checkpointer.save_async`` vs ``dcp.async_save``: the blocking call, and the total until durable;
+  the first save of a new ``Checkpointer`` (fresh staging buffers) against DCP's default (a stager
+  created per call: fresh buffers); and the blocking call as a training loop sees it from its second
+  save on, with staging buffers reused: one ``Checkpointer`` for the run against one ``DefaultStager``
+  passed to every ``dcp.async_save`` (DCP then reuses its cached CPU storages);
 - ``Checkpointer.restore`` vs ``dcp.load`` + ``set_state_dict``, each into freshly built objects, the
   page cache dropped before each where the kernel allows; every restored tensor is then compared
   with the live one (not timed), so both libraries are seen to load the same values.
@@ -62,6 +66,13 @@ PAIRS = (
         "async save, blocking call",
         "`save_async` call",
         "`dcp.async_save` call",
+    ),
+    (
+        "rk_async_steady",
+        "dcp_async_steady",
+        "async save, blocking call, buffers reused",
+        "`save_async` call, one Checkpointer",
+        "`dcp.async_save` call, one `DefaultStager`",
     ),
     (
         "rk_async_total",
@@ -152,6 +163,20 @@ def _worker(rank: int, world: int, port: int, mib: int, reps: int, tmp: str, out
     # DCP's async save runs collectives in a background thread: on the default group they would
     # interleave with this benchmark's barriers (a hang), so it gets its own, as resumekit does.
     async_group = dist.new_group(backend="gloo")
+    # The steady state of a training loop: one checkpointer (one stager) for every save, warmed up once.
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    run_ckpt = rk.Checkpointer(f"{tmp}/rk-run", keep_last=1)
+    run_stager = DefaultStager(StagingOptions(False, False, False, False))
+    run_ckpt.save_async(state, step=0)
+    run_ckpt.wait()
+    msd, osd = get_state_dict(model, opt)
+    dcp.async_save(
+        {"model": msd, "optimizer": osd},
+        checkpoint_id=f"{tmp}/dcp-run-warm",
+        process_group=async_group,
+        async_stager=run_stager,
+    ).result()
     res: dict[str, list[float]] = {k: [] for p in PAIRS for k in p[:2]}
     dropped: list[bool] = []
     equal: list[bool] = []
@@ -187,6 +212,28 @@ def _worker(rank: int, world: int, port: int, mib: int, reps: int, tmp: str, out
             res["dcp_async_block"].append(blocking)
             res["dcp_async_total"].append(blocking + _timed(lambda: fut[0].result()))
 
+        def rk_steady() -> None:
+            res["rk_async_steady"].append(_timed(lambda: run_ckpt.save_async(state, step=i + 1)))
+            _timed(run_ckpt.wait)
+
+        def dcp_steady() -> None:
+            fut: list[Any] = []
+
+            def call() -> None:
+                msd, osd = get_state_dict(model, opt)
+                sd = {"model": msd, "optimizer": osd}
+                fut.append(
+                    dcp.async_save(
+                        sd,
+                        checkpoint_id=f"{dcp_dir}-steady",
+                        process_group=async_group,
+                        async_stager=run_stager,
+                    )
+                )
+
+            res["dcp_async_steady"].append(_timed(call))
+            _timed(lambda: fut[0].result())
+
         def rk_restore() -> None:
             fresh = _fresh(mib)
             dropped.append(_drop(rank))
@@ -210,7 +257,12 @@ def _worker(rank: int, world: int, port: int, mib: int, reps: int, tmp: str, out
             equal.append(_same(live, fresh))
 
         first_rk = i % 2 == 0
-        for a, b in ((rk_save, dcp_save), (rk_async, dcp_async), (rk_restore, dcp_load)):
+        for a, b in (
+            (rk_save, dcp_save),
+            (rk_async, dcp_async),
+            (rk_steady, dcp_steady),
+            (rk_restore, dcp_load),
+        ):
             if rank == 0:
                 os.sync()  # earlier writes must not be flushed inside the next measurement
             dist.barrier()
@@ -224,9 +276,10 @@ def _worker(rank: int, world: int, port: int, mib: int, reps: int, tmp: str, out
             if i == 0:
                 # The sync save's step alone (the async save's step 2 sits beside it).
                 sizes = {"resumekit": _tree_bytes(f"{rk_dir}/step-000000000001"), "dcp": _tree_bytes(dcp_dir)}
-            for d in (rk_dir, dcp_dir, dcp_dir + "-async"):
+            for d in (rk_dir, dcp_dir, dcp_dir + "-async", dcp_dir + "-steady"):
                 shutil.rmtree(d, ignore_errors=True)
         dist.barrier()
+    run_stager.close()
     ok = torch.tensor([int(all(equal))])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if rank == 0:
@@ -330,7 +383,10 @@ def _report(
         "against the chunk index, itself checked against the manifest; strict validation of names, shapes and "
         "dtypes before any state changes. `dcp.load`: unpickles `.metadata`, `torch.load(weights_only=True)` "
         "of each chunk, no checksum. `save_async` (default `staging='overlap'`) and `dcp.async_save` "
-        "(default: stage to CPU memory, write in a thread) give the same durability as their sync saves.",
+        "(default: stage to CPU memory, write in a thread) give the same durability as their sync saves. "
+        "'buffers reused': the second and later saves of one `Checkpointer` (its staging buffers are kept "
+        "between saves) against `dcp.async_save` with one `DefaultStager` passed to every call (it caches "
+        "its CPU copies); the other async rows use a new `Checkpointer` and DCP's default stager per call.",
         "",
     ]
     targets = []

@@ -74,17 +74,13 @@ def take_snapshot(
     t0 = time.perf_counter()
     step = check_step(step)
     items = items_of(state, per_rank)
-    plan = world.broadcast_json(
-        {"exists": storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
-        if world.rank == 0
-        else None
-    )
-    if plan["exists"]:
-        raise StepExistsError(
-            f"step {step} already exists in '{url}'; checkpoints are never overwritten. Save under a "
-            "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
-        )
-    snap = Snapshot(step, plan["writer"], world, items, t0, stager=stager)
+    # Rank 0's answers (does the step exist? the writer id) travel with the outcomes below: one
+    # exchange between the ranks per snapshot, not two.
+    lead: dict[str, Any] = {
+        "exists": storage.read_manifest(step) is not None,
+        "writer": uuid.uuid4().hex[:16],
+    }
+    snap = Snapshot(step, lead["writer"], world, items, t0, stager=stager)
     error: Exception | None = None
     try:
         # Items are ordered RNG first: its state is captured before any other state_dict() runs.
@@ -107,17 +103,24 @@ def take_snapshot(
     except Exception as exc:
         error = exc
     # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
-    # forever in a collective of _write).
-    # The sharded entries' plans travel with the outcomes: one exchange, not two.
-    outcomes = world.gather_outcomes(error, payload=[s.plan for s in snap.sharded] if error is None else None)
+    # forever in a collective of _write). The sharded entries' plans travel with the outcomes.
+    payload = {"plans": [s.plan for s in snap.sharded], **(lead if world.rank == 0 else {})}
+    outcomes = world.gather_outcomes(error, payload=payload if error is None else None)
     outcomes.raise_failures(
         error,
         lambda failed: StorageError(
             f"saving step {step} failed on {failed}. Nothing was written; earlier checkpoints are intact."
         ),
     )
+    lead = outcomes.payloads[0]
+    if lead["exists"]:
+        raise StepExistsError(
+            f"step {step} already exists in '{url}'; checkpoints are never overwritten. Save under a "
+            "new step (a resumed run continues from restore(...).step + 1), or delete the old one first."
+        )
+    snap.writer = lead["writer"]
     if any(it.scope == SCOPE_SHARDED for it in items):
-        agree(snap.sharded, world, list(outcomes.payloads))  # raises on every rank together
+        agree(snap.sharded, world, [p["plans"] for p in outcomes.payloads])  # raises on every rank together
     return snap
 
 
