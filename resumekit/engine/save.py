@@ -76,11 +76,12 @@ def take_snapshot(
     items = items_of(state, per_rank)
     # Rank 0's answers (does the step exist? the writer id) travel with the outcomes below: one
     # exchange between the ranks per snapshot, not two.
-    lead: dict[str, Any] = {
-        "exists": storage.read_manifest(step) is not None,
-        "writer": uuid.uuid4().hex[:16],
-    }
-    snap = Snapshot(step, lead["writer"], world, items, t0, stager=stager)
+    lead: dict[str, Any] = (
+        {"exists": storage.read_manifest(step) is not None, "writer": uuid.uuid4().hex[:16]}
+        if world.rank == 0
+        else {}
+    )
+    snap = Snapshot(step, "", world, items, t0, stager=stager)
     error: Exception | None = None
     try:
         # Items are ordered RNG first: its state is captured before any other state_dict() runs.
@@ -104,7 +105,7 @@ def take_snapshot(
         error = exc
     # Every rank learns whether every snapshot succeeded, so all raise together (no rank waits
     # forever in a collective of _write). The sharded entries' plans travel with the outcomes.
-    payload = {"plans": [s.plan for s in snap.sharded], **(lead if world.rank == 0 else {})}
+    payload = {"plans": [s.plan for s in snap.sharded], **lead}
     outcomes = world.gather_outcomes(error, payload=payload if error is None else None)
     outcomes.raise_failures(
         error,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +62,44 @@ def test_big_files_get_threads_up_to_what_the_storage_takes() -> None:
     snap = take_snapshot(_NoStorage(), "mem", state, 1, World(), None, frozenset())  # type: ignore[arg-type]
     assert plan_writes(snap, 0, "", parallel_files=4).workers == 3
     assert plan_writes(snap, 0, "", parallel_files=2).workers == 2
+
+
+class _TwoRanks(World):
+    """Rank ``rank`` of two, with the other rank's reports scripted; every exchange is recorded."""
+
+    def broadcast_json(self, value: Any, src: int = 0) -> Any:
+        raise AssertionError("a snapshot exchanges once, through the outcome gather")
+
+    def all_gather_json(self, value: Any) -> list[Any]:
+        _EXCHANGES.append(value)
+        other = _OTHER[0]
+        return [value, other] if self.rank == 0 else [other, value]
+
+
+_EXCHANGES: list[Any] = []
+_OTHER: list[Any] = []
+
+
+class _NoManifestRead(_NoStorage):
+    def read_manifest(self, step: int) -> bytes | None:
+        raise AssertionError("only rank 0 asks storage whether the step exists")
+
+
+def test_a_snapshot_is_one_exchange_and_every_rank_takes_rank_0s_writer_id() -> None:
+    _EXCHANGES.clear()
+    _OTHER[:] = [{"kind": "", "error": None, "payload": {"plans": []}}]
+    snap = take_snapshot(_NoStorage(), "mem", _state(), 5, _TwoRanks(0, 2), None, frozenset())  # type: ignore[arg-type]
+    (sent,) = _EXCHANGES  # one exchange, no broadcast before it
+    assert sent["payload"]["exists"] is False and snap.writer == sent["payload"]["writer"]
+    assert len(snap.writer) == 16
+
+    _EXCHANGES.clear()
+    _OTHER[:] = [{"kind": "", "error": None, "payload": {"plans": [], "exists": False, "writer": "0" * 16}}]
+    snap = take_snapshot(_NoManifestRead(), "mem", _state(), 5, _TwoRanks(1, 2), None, frozenset())  # type: ignore[arg-type]
+    assert len(_EXCHANGES) == 1 and snap.writer == "0" * 16
+
+
+def test_a_step_rank_0_finds_existing_is_refused_on_every_rank() -> None:
+    _OTHER[:] = [{"kind": "", "error": None, "payload": {"plans": [], "exists": True, "writer": "0" * 16}}]
+    with pytest.raises(rk.errors.StepExistsError, match="step 5 already exists in 'mem'"):
+        take_snapshot(_NoManifestRead(), "mem", _state(), 5, _TwoRanks(1, 2), None, frozenset())  # type: ignore[arg-type]
