@@ -32,7 +32,7 @@ from resumekit.format.manifest import (
 )
 from resumekit.format.tensorfile import write_bytes, write_tensors
 from resumekit.sharding.mesh import MESH_KEY, entry_meshes
-from resumekit.sharding.shards import LocalShards, agree, capture, write_jobs
+from resumekit.sharding.shards import LocalShards, agree, capture, forget_unowned, write_jobs
 from resumekit.staging.buffers import OverlapStager
 from resumekit.storage.base import Stage, Storage, files_at_once
 from resumekit.storage.verify import crc_hex
@@ -122,6 +122,8 @@ def take_snapshot(
     snap.writer = lead["writer"]
     if any(it.scope == SCOPE_SHARDED for it in items):
         agree(snap.sharded, world, [p["plans"] for p in outcomes.payloads])  # raises on every rank together
+        if stager is not None:
+            forget_unowned(snap.sharded, stager)
     return snap
 
 
@@ -238,7 +240,7 @@ def plan_writes(snap: Snapshot, rank: int, data_prefix: str, parallel_files: int
             source = functools.partial(snap.stager.source, it.name) if snap.stager is not None else None
             tensor_fill = functools.partial(write_tensors, tensors=tensors, source=source)
             files.append(FileWrite(data_prefix + st_name, nbytes, it.name, tensor_fill))
-    for entry, n, rel, shard_fill in write_jobs(snap.sharded, rank):
+    for entry, n, rel, shard_fill in write_jobs(snap.sharded, rank, snap.stager):
         files.append(FileWrite(data_prefix + rel, n, entry, shard_fill))
     big = sum(1 for f in files if f.nbytes >= _PARALLEL_MIN_BYTES)
     workers = max(1, min(parallel_files, big))  # small files never get a thread of their own
@@ -271,7 +273,9 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
 def _run_parallel(
     run: Callable[[FileWrite], tuple[str, FileRecord]], jobs: list[FileWrite], workers: int
 ) -> dict[str, FileRecord]:
-    jobs.sort(key=lambda job: -job.nbytes)  # big files first: small ones fill the gaps, not the tail
+    # Big files first: small ones fill the gaps, not the tail. Stable: a chunk index (size 0) stays
+    # after the shard file it waits for.
+    jobs.sort(key=lambda job: -job.nbytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-write") as pool:
         futures = [pool.submit(run, job) for job in jobs]
         wait(futures)

@@ -145,6 +145,7 @@ def write_tensors(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
     source: Callable[[str, torch.Tensor], AbstractContextManager[torch.Tensor]] | None = None,
+    on_tensor: Callable[[str, int, int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Write ``tensors`` to ``fileobj`` as a safetensors file.
 
@@ -154,6 +155,8 @@ def write_tensors(
         metadata: the ``__metadata__`` string map (default ``{"format": "pt"}``).
         source: ``source(name, tensor)`` gives, for the duration of its context, the tensor whose bytes
             are written in place of ``tensor`` (the async staging copy); same dtype and shape.
+        on_tensor: called as ``on_tensor(name, begin, end, crc32c)`` for every tensor, with its byte
+            range in the file and the crc32c of those bytes alone, computed from the bytes written.
 
     Returns:
         ``(size, crc32c)`` of the bytes written.
@@ -166,13 +169,16 @@ def write_tensors(
         with source(name, tensors[name]) if source is not None else nullcontext(tensors[name]) as t:
             flat = _host_bytes(t)
             n = flat.numel()
-            if n == 0:
-                continue
+            own = 0
             arr: Any = flat.numpy()
             for i in range(0, n, _CHUNK):
                 chunk = arr[i : i + _CHUNK]
                 fileobj.write(memoryview(chunk))
                 crc = crc32c.crc32c(chunk, crc)
+                if on_tensor is not None:
+                    own = crc32c.crc32c(chunk, own)
+            if on_tensor is not None:
+                on_tensor(name, size, size + n, own)
             size += n
     return size, crc
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from resumekit.engine.collectives import World
 from resumekit.engine.entries import Item
-from resumekit.errors import UnsupportedValueError
+from resumekit.errors import StorageError, UnsupportedValueError
 from resumekit.format.codec import TensorTable, encode
 from resumekit.format.tensorfile import DTYPE_TO_ST, _host_bytes, _layout, write_bytes, write_tensors
 from resumekit.sharding.dcp_private import get_fqns
@@ -40,7 +41,16 @@ from resumekit.sharding.metadata import (
 from resumekit.staging.buffers import OverlapStager
 from resumekit.storage.verify import crc_hex
 
-__all__ = ["LocalShards", "agree", "capture", "flat_state", "holds_dtensors", "owning_module", "write_jobs"]
+__all__ = [
+    "LocalShards",
+    "agree",
+    "capture",
+    "flat_state",
+    "holds_dtensors",
+    "owning_module",
+    "forget_unowned",
+    "write_jobs",
+]
 
 #: One file to write: (entry, bytes, path inside the step, writes it and returns (size, crc32c)).
 Job = tuple[str, int, str, Callable[[IO[bytes]], "tuple[int, int]"]]
@@ -140,14 +150,18 @@ class LocalShards:
     chunks: dict[tuple[str, tuple[int, ...]], torch.Tensor]  # (key, offsets) -> local data
     own: dict[str, torch.Tensor] = field(default_factory=dict)  # chunk name -> data this rank writes
     meta: ShardingMeta | None = None
+    staged: frozenset[str] = frozenset()  # async: the chunk names registered with the stager
 
 
 def capture(it: Item, items: Sequence[Item], stager: OverlapStager | None) -> LocalShards:
     """This rank's chunks of a sharded entry, and its plan to exchange (JSON, no tensor data).
 
-    With ``stager`` (the async path) the chunks are copied into host staging buffers at the call (not
-    overlapped with training: no write guard covers a DTensor's local shard yet); without, they are
-    views of the live local shards, streamed by the write: a rank never holds more than its own.
+    Without ``stager`` (sync) the chunks are views of the live local shards, streamed by the write.
+    With one (async) they are registered with it as unsharded entries are: the local shards of the
+    Module's parameters and of the Optimizer's moments are copied in the background, each before the
+    first write that could change it (the guard); the rest at once. The chunks another rank writes
+    are dropped from it once the ranks agreed (:func:`forget_unowned`). A rank never holds more than
+    its own.
     """
     dt = dtensor_type()
     flat = flat_state(it, items)
@@ -199,9 +213,15 @@ def capture(it: Item, items: Sequence[Item], stager: OverlapStager | None) -> Lo
         chunks[(key, offsets)] = local
     if stager is not None:
         names = {cid: chunk_name(cid[0], list(cid[1])) for cid in chunks}
-        staged = stager.copy_now(it.name, {names[cid]: t for cid, t in chunks.items()})
+        staged = stager.add(it.name, it.obj, {names[cid]: t for cid, t in chunks.items()})
         chunks = {cid: staged[names[cid]] for cid in chunks}
-    return LocalShards(it.name, plan, chunks)
+    return LocalShards(it.name, plan, chunks, staged=frozenset(staged) if stager is not None else frozenset())
+
+
+def forget_unowned(shards: list[LocalShards], stager: OverlapStager) -> None:
+    """Drop from ``stager`` the chunks that :func:`agree` gave to another rank (never copied)."""
+    for s in shards:
+        stager.forget(s.name, s.staged - s.own.keys())
 
 
 #: This rank's box of each DTensor layout, by mesh. The box is a pure function of the global shape,
@@ -292,44 +312,67 @@ def agree(shards: list[LocalShards], world: World, gathered: list[Any] | None = 
         s.chunks = {}  # what this rank does not own is not kept alive by the snapshot
 
 
-def write_jobs(shards: list[LocalShards], rank: int) -> list[Job]:
-    """The files this rank writes for its sharded entries: its own chunks, and (rank 0) the metadata."""
+def write_jobs(shards: list[LocalShards], rank: int, stager: OverlapStager | None = None) -> list[Job]:
+    """The files this rank writes for its sharded entries: its own chunks, and (rank 0) the metadata.
+
+    With ``stager`` (async), each chunk's bytes come from its staged copy. The chunk index is made from
+    the crc32c of each chunk's bytes as the shard file is written (one read of each chunk, so a copy
+    released after it was written is never read again): its job waits for that file.
+    """
     jobs: list[Job] = []
     for s in shards:
         if s.own:
             nbytes = sum(t.numel() * t.element_size() for t in s.own.values())
-            jobs.append(
-                (s.name, nbytes, shard_file(s.name, rank), functools.partial(write_tensors, tensors=s.own))
-            )
-            # Computed from the tensors, not from the file being written: the two jobs are independent.
-            index = functools.partial(_write_index, s.own)
-            jobs.append((s.name, nbytes, index_file(shard_file(s.name, rank)), index))
+            index = _ChunkIndex()
+            source = functools.partial(stager.source, s.name) if stager is not None else None
+            fill = functools.partial(index.write_shard, tensors=s.own, source=source)
+            jobs.append((s.name, nbytes, shard_file(s.name, rank), fill))
+            # Size 0: the index reads no tensor, and the writer (big files first) starts it after
+            # every shard file, so its wait never holds a thread that a shard file needs.
+            jobs.append((s.name, 0, index_file(shard_file(s.name, rank)), index.write))
         if rank == 0 and s.meta is not None:
             raw = s.meta.to_json()
             jobs.append((s.name, len(raw), meta_file(s.name), functools.partial(write_bytes, raw)))
     return jobs
 
 
-def chunk_index(tensors: dict[str, torch.Tensor]) -> bytes:
-    """The chunk index of the shard file :func:`write_tensors` writes for ``tensors``: ``[begin, end,
-    crc32c]`` of the header and of every tensor's bytes, which together tile the whole file."""
-    prefix, order = _layout(tensors, None)
-    out: dict[str, Any] = {
-        "format": "resumekit.chunks",
-        "version": 1,
-        "header": [0, len(prefix), crc_hex(crc32c.crc32c(prefix))],
-        "chunks": {},
-    }
-    offset = len(prefix)
-    for name in order:
-        raw: Any = _host_bytes(tensors[name]).numpy()
-        out["chunks"][name] = [offset, offset + len(raw), crc_hex(crc32c.crc32c(raw))]
-        offset += len(raw)
-    return json.dumps(out, sort_keys=True).encode("utf-8")
+class _ChunkIndex:
+    """The chunk index of one shard file, filled in while that file is written."""
 
+    def __init__(self) -> None:
+        self._ranges: dict[str, list[int]] = {}
+        self._header: list[Any] = []
+        self._done = threading.Event()
+        self._error: BaseException | None = None
 
-def _write_index(tensors: dict[str, torch.Tensor], f: IO[bytes]) -> tuple[int, int]:
-    return write_bytes(chunk_index(tensors), f)
+    def write_shard(self, f: IO[bytes], tensors: dict[str, torch.Tensor], source: Any) -> tuple[int, int]:
+        """Write the shard file (a fill of :func:`write_tensors`), noting every chunk's range and crc32c."""
+        try:
+            prefix, _ = _layout(tensors, None)
+            self._header = [0, len(prefix), crc_hex(crc32c.crc32c(prefix))]
+
+            def note(name: str, begin: int, end: int, crc: int) -> None:
+                self._ranges[name] = [begin, end, crc]
+
+            return write_tensors(f, tensors, source=source, on_tensor=note)
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._done.set()
+
+    def write(self, f: IO[bytes]) -> tuple[int, int]:
+        """Write the index (a fill), once the shard file is written."""
+        self._done.wait()
+        if self._error is not None:
+            raise StorageError(f"the shard file this index describes was not written: {self._error}")
+        out = {
+            "format": "resumekit.chunks",
+            "version": 1,
+            "header": self._header,
+            "chunks": {n: [b, e, crc_hex(c)] for n, (b, e, c) in self._ranges.items()},
+        }
+        return write_bytes(json.dumps(out, sort_keys=True).encode("utf-8"), f)
 
 
 def describe_mesh(meta: ShardingMeta) -> str:

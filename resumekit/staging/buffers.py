@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,18 +136,6 @@ class OverlapStager:
 
     # -- at the call (training thread) ----------------------------------------------------------------
 
-    def copy_now(self, entry: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copy ``tensors`` into this save's host buffers at the call (reused by the next save), for
-        tensors no guard covers (a sharded entry's local chunks): each is final on return."""
-        out: dict[str, torch.Tensor] = {}
-        for name, t in tensors.items():
-            t = t.detach()
-            buf = self._buffers.own(entry, name, t)
-            buf.copy_(t)  # synchronous (CUDA included)
-            self.inline_bytes += t.numel() * t.element_size()
-            out[name] = buf
-        return out
-
     def add(self, entry: str, obj: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Register an entry's tensors: guardable large ones become pending, the rest are copied now.
 
@@ -181,6 +169,21 @@ class OverlapStager:
             self._by_storage.setdefault(key, []).append(rec)
             out[name] = t  # the writer asks for the staged copy through source()
         return out
+
+    def forget(self, entry: str, names: Iterable[str]) -> None:
+        """Drop ``entry``'s registered tensors ``names`` (this save does not write them); before
+        :meth:`start` only."""
+        gone = [self._by_key.pop((entry, n)) for n in names if (entry, n) in self._by_key]
+        if not gone:
+            return
+        ids = {id(r) for r in gone}
+        self._records = [r for r in self._records if id(r) not in ids]
+        for key in list(self._by_storage):
+            kept = [r for r in self._by_storage[key] if id(r) not in ids]
+            if kept:
+                self._by_storage[key] = kept
+            else:
+                del self._by_storage[key]
 
     @property
     def pending(self) -> bool:
@@ -383,6 +386,9 @@ class OverlapStager:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    local = getattr(t, "_local_tensor", None)  # a DTensor: its data is its local shard's storage
+    if isinstance(local, torch.Tensor):
+        t = local
     if t.device.type == "meta" or t.numel() == 0:
         return None
     try:
