@@ -36,38 +36,53 @@ class World:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def _capacity(self) -> int:
+        """Payload bytes a rank sends in the first round of an exchange. Most payloads fit, so most
+        exchanges are one collective; bounded so that world size x capacity stays small at scale."""
+        return max(1 << 10, min(64 << 10, (4 << 20) // self.size))
+
     def broadcast_json(self, value: Any, src: int = 0) -> Any:
         """Every rank returns rank ``src``'s ``value``."""
         if not self.distributed:
             return value
-        dev = self._device()
+        dev, cap = self._device(), self._capacity()
         raw = json.dumps(value).encode("utf-8") if self.rank == src else b""
-        n = torch.tensor([len(raw)], dtype=torch.int64, device=dev)
         # torch.distributed.broadcast takes the global rank of the source.
         gsrc = src if self.group is None else dist.get_global_rank(self.group, src)
-        dist.broadcast(n, src=gsrc, group=self.group)
-        buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
-        if self.rank == src and raw:
-            buf.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-        dist.broadcast(buf, src=gsrc, group=self.group)
-        return json.loads(bytes(buf.cpu().numpy()))
+        head = _framed(raw, cap, dev)
+        dist.broadcast(head, src=gsrc, group=self.group)
+        n, first = _unframe(head)
+        if n <= cap:
+            return json.loads(first[:n])
+        rest = torch.zeros(n - cap, dtype=torch.uint8, device=dev)
+        if self.rank == src:
+            rest.copy_(torch.frombuffer(bytearray(raw[cap:]), dtype=torch.uint8))
+        dist.broadcast(rest, src=gsrc, group=self.group)
+        return json.loads(first + bytes(rest.cpu().numpy()))
 
     def all_gather_json(self, value: Any) -> list[Any]:
         """Every rank returns the list of every rank's ``value``, in rank order."""
         if not self.distributed:
             return [value]
-        dev = self._device()
+        dev, cap = self._device(), self._capacity()
         raw = json.dumps(value).encode("utf-8")
-        n = torch.tensor([len(raw)], dtype=torch.int64, device=dev)
-        sizes = [torch.empty_like(n) for _ in range(self.size)]
-        dist.all_gather(sizes, n, group=self.group)
-        longest = max(int(s.item()) for s in sizes)
-        buf = torch.zeros(longest, dtype=torch.uint8, device=dev)
-        if raw:
-            buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev)
-        bufs = [torch.empty_like(buf) for _ in range(self.size)]
-        dist.all_gather(bufs, buf, group=self.group)
-        return [json.loads(bytes(b[: int(s.item())].cpu().numpy())) for b, s in zip(bufs, sizes)]
+        head = _framed(raw, cap, dev)
+        heads = [torch.empty_like(head) for _ in range(self.size)]
+        dist.all_gather(heads, head, group=self.group)
+        got = [_unframe(h) for h in heads]
+        longest = max(n for n, _ in got)
+        if longest <= cap:  # one round: every payload fit
+            return [json.loads(first[:n]) for n, first in got]
+        # A second round carries what did not fit, padded to the longest remainder.
+        rest = torch.zeros(longest - cap, dtype=torch.uint8, device=dev)
+        if len(raw) > cap:
+            rest[: len(raw) - cap] = torch.frombuffer(bytearray(raw[cap:]), dtype=torch.uint8).to(dev)
+        rests = [torch.empty_like(rest) for _ in range(self.size)]
+        dist.all_gather(rests, rest, group=self.group)
+        return [
+            json.loads(first[:n] + (bytes(r[: n - cap].cpu().numpy()) if n > cap else b""))
+            for (n, first), r in zip(got, rests)
+        ]
 
     def gather_outcomes(
         self, error: BaseException | None, kind: str = "error", payload: Any = None
@@ -126,6 +141,21 @@ class Outcomes:
         if local is not None:
             raise local
         raise elsewhere(self.summary(*kinds))
+
+
+def _framed(raw: bytes, cap: int, dev: torch.device) -> torch.Tensor:
+    """``raw``'s length (8 bytes, little-endian) and its first ``cap`` bytes, zero-padded, as uint8."""
+    buf = bytearray(8 + cap)
+    buf[:8] = len(raw).to_bytes(8, "little")
+    first = raw[:cap]
+    buf[8 : 8 + len(first)] = first
+    return torch.frombuffer(buf, dtype=torch.uint8).to(dev)
+
+
+def _unframe(head: torch.Tensor) -> tuple[int, bytes]:
+    """The length a :func:`_framed` buffer declares, and the payload bytes it carries."""
+    data = bytes(head.cpu().numpy())
+    return int.from_bytes(data[:8], "little"), data[8:]
 
 
 def describe(exc: BaseException | None) -> str | None:

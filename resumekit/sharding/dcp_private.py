@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_read_items", "get_fqns"]
+__all__ = ["create_read_items", "create_read_items_for_chunks", "get_fqns"]
 
 
 def _missing(name: str, exc: Exception) -> ImportError:
@@ -31,6 +31,16 @@ def create_read_items(fqn: str, md: Any, obj: Any) -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the torch release
         raise _missing("planner_helpers._create_read_items", exc) from exc
     return _create_read_items(fqn, md, obj)
+
+
+def create_read_items_for_chunks(fqn: str, md: Any, chunks: Any) -> Any:
+    """``planner_helpers.create_read_items_for_chunk_list``: the reads that fill the target chunks
+    ``chunks`` (this rank's boxes) from the saved chunks described by ``md``."""
+    try:
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    except ImportError as exc:  # pragma: no cover - depends on the torch release
+        raise _missing("planner_helpers.create_read_items_for_chunk_list", exc) from exc
+    return create_read_items_for_chunk_list(fqn, md, chunks)
 
 
 def get_fqns(model: Any, name: str) -> Any:

@@ -22,8 +22,9 @@ from resumekit.errors import CheckpointCorruptError, StateMismatchError
 from resumekit.format.codec import decode
 from resumekit.format.manifest import Manifest
 from resumekit.format.tensorfile import ST_TO_DTYPE
+from resumekit.sharding.boxes import own_box
 from resumekit.sharding.chunkfiles import ChunkRead, ShardFiles, narrow
-from resumekit.sharding.dcp_private import create_read_items
+from resumekit.sharding.dcp_private import create_read_items, create_read_items_for_chunks
 from resumekit.sharding.metadata import ShardingMeta, TensorRecord
 from resumekit.sharding.shards import dtensor_type, owning_module, param_fqns
 
@@ -223,8 +224,16 @@ def _plan_rebuild(
         torch.Size(rec.shape),
         [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in rec.chunks],
     )
+    if target is local:  # a plain tensor: one box, the whole of it
+        boxes: Any = [ChunkStorageMetadata(torch.Size([0] * local.dim()), local.shape)]
+    else:
+        box = own_box(target)
+        boxes = [box] if box is not None else None
+    items = (
+        create_read_items(key, md, target) if boxes is None else create_read_items_for_chunks(key, md, boxes)
+    )
     covered = 0
-    for ri in create_read_items(key, md, target):
+    for ri in items:
         chunk = rec.chunks[ri.storage_index.index or 0]
         lengths = tuple(int(n) for n in ri.lengths)
         reads.append(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
@@ -26,6 +25,7 @@ from resumekit.engine.entries import Item
 from resumekit.errors import StorageError, UnsupportedValueError
 from resumekit.format.codec import TensorTable, encode
 from resumekit.format.tensorfile import DTYPE_TO_ST, _host_bytes, _layout, write_bytes, write_tensors
+from resumekit.sharding.boxes import own_box
 from resumekit.sharding.dcp_private import get_fqns
 from resumekit.sharding.metadata import (
     ChunkRecord,
@@ -191,7 +191,7 @@ def capture(it: Item, items: Sequence[Item], stager: OverlapStager | None) -> Lo
         if dt is not None and isinstance(v, dt):
             dv: Any = v
             _check_placements(it.name, key, dv.placements)
-            chunk = _own_box(dv)
+            chunk = own_box(dv)
             local = dv.to_local().detach()
             if chunk is None or tuple(local.shape) != tuple(chunk.sizes):
                 raise UnsupportedValueError(
@@ -222,23 +222,6 @@ def forget_unowned(shards: list[LocalShards], stager: OverlapStager) -> None:
     """Drop from ``stager`` the chunks that :func:`agree` gave to another rank (never copied)."""
     for s in shards:
         stager.forget(s.name, s.staged - s.own.keys())
-
-
-#: This rank's box of each DTensor layout, by mesh. The box is a pure function of the global shape,
-#: the mesh and the placements on a given rank, and DCP computes it in about 90 us a tensor: once per
-#: layout instead of once per tensor and save (a model's parameters and optimizer moments share a few).
-_BOXES: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
-
-
-def _own_box(dv: Any) -> Any:
-    """DCP's own chunk of this rank (what its planner's write item holds, without the rest of the
-    write item, whose tensor properties cost more than the arithmetic); None if it is not one box."""
-    layouts = _BOXES.setdefault(dv.device_mesh, {})
-    key = (tuple(dv.shape), tuple(dv.placements))
-    if key not in layouts:
-        boxes = dv.__create_chunk_list__()
-        layouts[key] = boxes[0] if len(boxes) == 1 else None
-    return layouts[key]
 
 
 def _check_placements(entry: str, key: str, placements: Sequence[Any]) -> None:

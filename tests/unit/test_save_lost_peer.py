@@ -22,25 +22,30 @@ from resumekit.storage import open_storage
 
 
 class _PeerLostAfterGather:
-    """A world of two seen from ``rank``: the step's plan is broadcast and the outcomes gathered (the
-    peer reports success and no files); the commit's outcome cannot be broadcast any more."""
+    """A world of two seen from ``rank``: the snapshot's outcomes are gathered (rank 0's carry the
+    step's writer id), then the files' outcomes (the peer reports success and no files); the commit's
+    outcome cannot be broadcast any more."""
 
     def __init__(self, rank: int) -> None:
         self.rank, self.size, self.group = rank, 2, None
         self.distributed = True
-        self.broadcasts = 0
 
     def broadcast_json(self, value: Any, src: int = 0) -> Any:
-        self.broadcasts += 1
-        if self.broadcasts == 1:  # the plan of the step
-            return value if self.rank == 0 else {"exists": False, "writer": "0123456789abcdef"}
         raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
 
     def gather_outcomes(
         self, error: BaseException | None, kind: str = "error", payload: Any = None
     ) -> Outcomes:
         failures = (RankFailure(self.rank, kind, describe(error) or ""),) if error is not None else ()
-        payloads = (payload, {}) if self.rank == 0 else ({}, payload)
+        if isinstance(payload, dict) and "plans" in payload:  # the snapshot's exchange
+            peer: Any = (
+                {"plans": []}
+                if self.rank == 0
+                else {"plans": [], "exists": False, "writer": "0123456789abcdef"}
+            )
+        else:  # the files' outcomes
+            peer = {}
+        payloads = (payload, peer) if self.rank == 0 else (peer, payload)
         return Outcomes(failures, payloads, True)
 
 
