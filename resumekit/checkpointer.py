@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -108,6 +109,9 @@ class Checkpointer:
             checksum, header and skeleton, on every rank) before retention runs, and raise
             ``CheckpointCorruptError`` if it does not read back. Guards against storage that loses or
             alters acknowledged writes; costs about one restore's read per save (see docs/format.md).
+        async_timeout: seconds each collective of a :meth:`save_async`'s background exchange waits
+            for the other ranks (a rank stuck in its write fails the save on every rank after this
+            long, at :meth:`wait` or the next save). None: torch's default for a gloo group (30 min).
 
     Example:
         >>> ckpt = Checkpointer("/tmp/run-7", keep_last=3)  # doctest: +SKIP
@@ -130,6 +134,7 @@ class Checkpointer:
         amp_dtype: str | torch.dtype | None = None,
         storage: Storage | None = None,
         verify_after_save: bool = False,
+        async_timeout: float | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (type(value) is not int or value < 1):
@@ -151,6 +156,11 @@ class Checkpointer:
         self.amp_dtype = amp_dtype
         self._storage: Storage = storage if storage is not None else open_storage(url, storage_options)
         self.verify_after_save = bool(verify_after_save)
+        if async_timeout is not None and not (type(async_timeout) in (int, float) and async_timeout > 0):
+            raise ValueError(
+                f"async_timeout must be a positive number of seconds or None, got {async_timeout!r}"
+            )
+        self.async_timeout = async_timeout
         self.url = self._storage.url
         self._async = AsyncSaves()
         self._async_world: World | None = None
@@ -246,9 +256,9 @@ class Checkpointer:
         stager = self._async.stager(staging, staging_budget)
         world = current_world(self._group)
         if world.distributed and self._async_world is None:
-            import torch.distributed as dist
-
-            self._async_world = World(world.rank, world.size, dist.new_group(backend="gloo"))
+            self._async_world = World(
+                world.rank, world.size, _background_group(self._group, self.async_timeout)
+            )
         snap = take_snapshot(self._storage, self.url, state, step, world, stager, self.per_rank)
         if self._async_world is not None:
             snap.world = self._async_world
@@ -473,3 +483,16 @@ class Checkpointer:
             self.wait()
         finally:
             self._async.clear()
+
+
+def _background_group(group: Any, timeout: float | None) -> Any:
+    """A gloo group over the ranks of ``group`` (None: the world) for a background save's exchanges,
+    so they never interleave with the training thread's collectives on ``group``. Only those ranks
+    take part in creating it: a subgroup that saves on its own needs nothing from the other ranks."""
+    import torch.distributed as dist
+
+    ranks = None if group is None else dist.get_process_group_ranks(group)
+    limit = None if timeout is None else timedelta(seconds=timeout)
+    return dist.new_group(
+        ranks=ranks, timeout=limit, backend="gloo", use_local_synchronization=ranks is not None
+    )

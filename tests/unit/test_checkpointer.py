@@ -410,3 +410,10 @@ def test_api_contract_on_every_backend(any_url: str) -> None:
     assert_identical(_state(6)["extra"], target["extra"])
     with pytest.raises(CheckpointNotFoundError):
         fresh.restore(target, step=3)  # removed by retention
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "60"])
+def test_async_timeout_must_be_positive_seconds(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(ValueError, match="async_timeout must be a positive number of seconds"):
+        rk.Checkpointer(tmp_path, async_timeout=bad)
+    assert rk.Checkpointer(tmp_path, async_timeout=2.5).async_timeout == 2.5
