@@ -171,7 +171,9 @@ def write(
             local_exc = exc
             commit_error = describe(exc)
     try:
-        commit_error = world.broadcast_json(commit_error)
+        # An all-gather of rank 0's outcome, not a broadcast: a send to a dead rank can complete into
+        # its socket buffer, a receive from it cannot, so rank 0 learns whether every rank was there.
+        commit_error = world.all_gather_json(commit_error if world.rank == 0 else None)[0]
     except Exception as exc:
         if world.rank != 0:
             raise

@@ -24,13 +24,13 @@ from resumekit.storage import open_storage
 class _PeerLostAfterGather:
     """A world of two seen from ``rank``: the snapshot's outcomes are gathered (rank 0's carry the
     step's writer id), then the files' outcomes (the peer reports success and no files); the commit's
-    outcome cannot be broadcast any more."""
+    outcome cannot be exchanged any more."""
 
     def __init__(self, rank: int) -> None:
         self.rank, self.size, self.group = rank, 2, None
         self.distributed = True
 
-    def broadcast_json(self, value: Any, src: int = 0) -> Any:
+    def all_gather_json(self, value: Any) -> list[Any]:  # the commit's outcome
         raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
 
     def gather_outcomes(
