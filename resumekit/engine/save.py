@@ -207,12 +207,15 @@ class FileWrite:
         nbytes: how many bytes it will hold (schedules big files first; small ones share a thread).
         entry: the state entry it belongs to.
         fill: writes the file's bytes to an open file and returns ``(size, crc32c)``.
+        last: written after every other file of the plan has been written (its bytes derive from
+            theirs: a shard file's chunk index); skipped when any of them failed.
     """
 
     relpath: str
     nbytes: int
     entry: str
     fill: Fill = field(compare=False, repr=False)
+    last: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,8 +245,8 @@ def plan_writes(snap: Snapshot, rank: int, data_prefix: str, parallel_files: int
             source = functools.partial(snap.stager.source, it.name) if snap.stager is not None else None
             tensor_fill = functools.partial(write_tensors, tensors=tensors, source=source)
             files.append(FileWrite(data_prefix + st_name, nbytes, it.name, tensor_fill))
-    for entry, n, rel, shard_fill in write_jobs(snap.sharded, rank, snap.stager):
-        files.append(FileWrite(data_prefix + rel, n, entry, shard_fill))
+    for entry, n, rel, shard_fill, last in write_jobs(snap.sharded, rank, snap.stager):
+        files.append(FileWrite(data_prefix + rel, n, entry, shard_fill, last))
     big = sum(1 for f in files if f.nbytes >= _PARALLEL_MIN_BYTES)
     workers = max(1, min(parallel_files, big))  # small files never get a thread of their own
     return WritePlan(tuple(files), workers)
@@ -263,10 +266,12 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
             size, crc = job.fill(f)
         return job.relpath, FileRecord(size, crc_hex(crc))
 
+    first = [job for job in plan.files if not job.last]
     if plan.workers <= 1:
-        records = dict(run(job) for job in plan.files)
+        records = dict(run(job) for job in first)
     else:
-        records = _run_parallel(run, list(plan.files), plan.workers)
+        records = _run_parallel(run, first, plan.workers)
+    records.update(run(job) for job in plan.files if job.last)  # small, after all they derive from
     if snap.stager is not None:
         snap.stager.raise_error()  # a copy that cannot be proven to hold the call's values: no commit
     return records
@@ -275,9 +280,7 @@ def _write_files(stage: Stage, snap: Snapshot, world: World) -> dict[str, FileRe
 def _run_parallel(
     run: Callable[[FileWrite], tuple[str, FileRecord]], jobs: list[FileWrite], workers: int
 ) -> dict[str, FileRecord]:
-    # Big files first: small ones fill the gaps, not the tail. Stable: a chunk index (size 0) stays
-    # after the shard file it waits for.
-    jobs.sort(key=lambda job: -job.nbytes)
+    jobs.sort(key=lambda job: -job.nbytes)  # big files first: small ones fill the gaps, not the tail
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resumekit-write") as pool:
         futures = [pool.submit(run, job) for job in jobs]
         wait(futures)

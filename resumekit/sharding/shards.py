@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable
@@ -46,14 +45,15 @@ __all__ = [
     "agree",
     "capture",
     "flat_state",
+    "forget_unowned",
     "holds_dtensors",
     "owning_module",
-    "forget_unowned",
     "write_jobs",
 ]
 
-#: One file to write: (entry, bytes, path inside the step, writes it and returns (size, crc32c)).
-Job = tuple[str, int, str, Callable[[IO[bytes]], "tuple[int, int]"]]
+#: One file to write: (entry, bytes, path inside the step, writes it and returns (size, crc32c),
+#: whether it is written after every other file of the save).
+Job = tuple[str, int, str, Callable[[IO[bytes]], "tuple[int, int]"], bool]
 
 
 def dtensor_type() -> Any:
@@ -300,7 +300,7 @@ def write_jobs(shards: list[LocalShards], rank: int, stager: OverlapStager | Non
 
     With ``stager`` (async), each chunk's bytes come from its staged copy. The chunk index is made from
     the crc32c of each chunk's bytes as the shard file is written (one read of each chunk, so a copy
-    released after it was written is never read again): its job waits for that file.
+    released after it was written is never read again): its job is marked to run after every other.
     """
     jobs: list[Job] = []
     for s in shards:
@@ -309,13 +309,12 @@ def write_jobs(shards: list[LocalShards], rank: int, stager: OverlapStager | Non
             index = _ChunkIndex()
             source = functools.partial(stager.source, s.name) if stager is not None else None
             fill = functools.partial(index.write_shard, tensors=s.own, source=source)
-            jobs.append((s.name, nbytes, shard_file(s.name, rank), fill))
-            # Size 0: the index reads no tensor, and the writer (big files first) starts it after
-            # every shard file, so its wait never holds a thread that a shard file needs.
-            jobs.append((s.name, 0, index_file(shard_file(s.name, rank)), index.write))
+            jobs.append((s.name, nbytes, shard_file(s.name, rank), fill, False))
+            # Written after every other file: its bytes come from the shard file's write.
+            jobs.append((s.name, 0, index_file(shard_file(s.name, rank)), index.write, True))
         if rank == 0 and s.meta is not None:
             raw = s.meta.to_json()
-            jobs.append((s.name, len(raw), meta_file(s.name), functools.partial(write_bytes, raw)))
+            jobs.append((s.name, len(raw), meta_file(s.name), functools.partial(write_bytes, raw), False))
     return jobs
 
 
@@ -325,30 +324,26 @@ class _ChunkIndex:
     def __init__(self) -> None:
         self._ranges: dict[str, list[int]] = {}
         self._header: list[Any] = []
-        self._done = threading.Event()
-        self._error: BaseException | None = None
+        self._written = False
 
     def write_shard(self, f: IO[bytes], tensors: dict[str, torch.Tensor], source: Any) -> tuple[int, int]:
         """Write the shard file (a fill of :func:`write_tensors`), noting every chunk's range and crc32c."""
-        try:
-            prefix, _ = _layout(tensors, None)
-            self._header = [0, len(prefix), crc_hex(crc32c.crc32c(prefix))]
+        prefix, _ = _layout(tensors, None)
+        self._header = [0, len(prefix), crc_hex(crc32c.crc32c(prefix))]
 
-            def note(name: str, begin: int, end: int, crc: int) -> None:
-                self._ranges[name] = [begin, end, crc]
+        def note(name: str, begin: int, end: int, crc: int) -> None:
+            self._ranges[name] = [begin, end, crc]
 
-            return write_tensors(f, tensors, source=source, on_tensor=note)
-        except BaseException as exc:
-            self._error = exc
-            raise
-        finally:
-            self._done.set()
+        result = write_tensors(f, tensors, source=source, on_tensor=note)
+        self._written = True
+        return result
 
     def write(self, f: IO[bytes]) -> tuple[int, int]:
-        """Write the index (a fill), once the shard file is written."""
-        self._done.wait()
-        if self._error is not None:
-            raise StorageError(f"the shard file this index describes was not written: {self._error}")
+        """Write the index (a fill, planned to run after every other file of the save)."""
+        if not self._written:
+            raise StorageError(
+                "a chunk index was due before its shard file was written (a bug in the save plan)"
+            )
         out = {
             "format": "resumekit.chunks",
             "version": 1,

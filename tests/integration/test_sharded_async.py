@@ -15,6 +15,8 @@ from _sharded_helpers import bitwise_diff, fsdp, gathered, launch, read_results,
 
 import resumekit as rk
 from resumekit import cli
+from resumekit.format.layout import shard_file
+from resumekit.storage import open_storage
 
 pytestmark = pytest.mark.distributed
 
@@ -94,3 +96,49 @@ def test_writes_after_the_call_never_reach_the_checkpoint(tmp_path: Path) -> Non
             assert got["verify_exit"] == 0, (rank, mode)
             # Overlapped modes left the large chunks pending at the call (no copy in the call).
             assert got["pending_at_call"] == mode.startswith("overlap"), (rank, mode)
+
+
+class _ShardOpenFails:
+    """Storage whose stage cannot open rank 0's model shard file (a full or read-only disk)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def stage(self, step: int, writer: str) -> Any:
+        stage = self._inner.stage(step, writer)
+        real = stage.open_write
+
+        def open_write(relpath: str) -> Any:
+            if relpath.endswith(shard_file("model", 0)):
+                raise OSError(28, "No space left on device")
+            return real(relpath)
+
+        stage.open_write = open_write
+        return stage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _shard_open_fails(rank: int, world: int, root: Path) -> None:
+    torch.manual_seed(0)
+    # Two files of 8 MiB or more a rank: the writer runs them on parallel threads.
+    model = fsdp(torch.nn.Sequential(torch.nn.Linear(2048, 2048, bias=False)))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 2048)).square().mean().backward()
+    opt.step()  # AdamW moments: the optimizer's shard file is 16 MiB a rank
+    storage = open_storage(str(root))
+    ckpt = rk.Checkpointer(root, storage=_ShardOpenFails(storage) if rank == 0 else storage)
+    try:
+        ckpt.save({"model": model, "optimizer": opt}, step=1)
+        raised = None
+    except Exception as exc:
+        raised = type(exc).__name__
+    write_result(root, "open-fails", rank, {"raised": raised, "steps": ckpt.steps()})
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_file_that_cannot_be_opened_fails_the_save_without_a_hang(tmp_path: Path) -> None:
+    launch(_shard_open_fails, 2, tmp_path, deadline=90)
+    for rank, res in enumerate(read_results(tmp_path, "open-fails", 2)):
+        assert res["raised"] is not None and res["steps"] == [], (rank, res)
